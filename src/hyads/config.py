@@ -1,0 +1,92 @@
+"""Every hyper-parameter in one dataclass, saved as JSON with every model so a fit can be reproduced."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import HyADSError
+
+BACKBONES = ("efficientnet_lite0", "resnet18")
+SAMPLERS = ("reservoir", "coreset")
+INDEXES = ("flat", "ivf")
+
+
+@dataclass
+class HyADSConfig:
+    """Hyper-parameters of a HyADS model.
+
+    Defaults are the ones measured in docs/RESULTS.md (MVTec AD bottle, 256x256).
+    """
+
+    image_size: int = 256
+    backbone: str = "efficientnet_lite0"
+    # Optional weight file: required for resnet18 (torchvision state_dict), optional override otherwise.
+    weights: str | None = None
+    # Patch features: neighbourhood size for local averaging, optional random projection (0 = off).
+    patch_neighbourhood: int = 3
+    projection_dim: int = 0
+    # Memory bank.
+    sampler: str = "reservoir"
+    ratio: float = 0.1
+    coreset_projection_dim: int = 128
+    index: str = "flat"
+    ivf_nlist: int = 256
+    ivf_nprobe: int = 8
+    # Anomaly map post-processing.
+    smoothing_sigma: float = 4.0
+    # Threshold calibration on held-out normal images (when no defects are available).
+    validation_fraction: float = 0.1
+    normal_quantile: float = 0.99
+    batch_size: int = 8
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> HyADSError:
+            return HyADSError(f"config field '{name}': {why}")
+
+        if self.backbone not in BACKBONES:
+            raise bad("backbone", f"{self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if self.sampler not in SAMPLERS:
+            raise bad("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.index not in INDEXES:
+            raise bad("index", f"{self.index!r} is not one of {', '.join(INDEXES)}")
+        if not isinstance(self.image_size, int) or self.image_size < 64 or self.image_size % 32:
+            # Fixed TF-"SAME" padding in the backbone is only right for sizes divisible by 32.
+            raise bad("image_size", f"{self.image_size} must be a multiple of 32 and at least 64")
+        if not 0.0 < self.ratio <= 1.0:
+            raise bad("ratio", f"{self.ratio} must be in (0, 1]")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise bad("validation_fraction", f"{self.validation_fraction} must be in [0, 1)")
+        if not 0.0 < self.normal_quantile <= 1.0:
+            raise bad("normal_quantile", f"{self.normal_quantile} must be in (0, 1]")
+        if self.patch_neighbourhood < 1 or self.patch_neighbourhood % 2 == 0:
+            raise bad("patch_neighbourhood", "must be an odd positive integer")
+        if self.projection_dim < 0:
+            raise bad("projection_dim", "must be >= 0")
+        if self.batch_size < 1:
+            raise bad("batch_size", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HyADSConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HyADSError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HyADSConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,1 @@
+"""Anomaly detectors that turn features into anomaly maps."""

@@ -1,0 +1,246 @@
+"""PatchCore memory bank: samplers (reservoir, greedy coreset), faiss nearest-neighbour search, incremental add.
+
+The anomaly of a patch is its L2 distance to the nearest patch in a bank of normal patches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from ..errors import HyADSError
+
+
+class Reservoir:
+    """Uniform sample of fixed capacity over a stream of rows (Vitter's Algorithm R, vectorised).
+
+    After n rows have been seen, every row is in the sample with probability capacity / n, whatever the order
+    or batching, which is what lets `add_normal` keep a bounded bank that still represents all images seen.
+    """
+
+    def __init__(self, capacity: int, dim: int, seed: int = 0):
+        if capacity < 1:
+            raise HyADSError("reservoir capacity must be >= 1")
+        self.capacity = int(capacity)
+        self.data = np.zeros((self.capacity, dim), dtype=np.float32)
+        self.n_seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def filled(self) -> np.ndarray:
+        return self.data[: min(self.n_seen, self.capacity)]
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        b = len(rows)
+        if b == 0:
+            return
+        t = self.n_seen + np.arange(1, b + 1, dtype=np.int64)  # 1-based position of each row in the stream
+        fill = t <= self.capacity
+        self.data[t[fill] - 1] = rows[fill]
+        rest = np.nonzero(~fill)[0]
+        if len(rest):
+            j = self.rng.integers(0, t[rest])  # uniform in [0, t)
+            keep = j < self.capacity
+            items, slots = rest[keep], j[keep]
+            # Sequential semantics: when two rows pick the same slot, the later one wins.
+            rev_slots = slots[::-1]
+            uniq, first_in_rev = np.unique(rev_slots, return_index=True)
+            self.data[uniq] = rows[items[::-1][first_in_rev]]
+        self.n_seen += b
+
+    def get_state(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "n_seen": self.n_seen, "rng": self.rng.bit_generator.state}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], data: np.ndarray) -> "Reservoir":
+        r = cls(state["capacity"], data.shape[1])
+        r.data[: len(data)] = data
+        r.n_seen = int(state["n_seen"])
+        r.rng.bit_generator.state = state["rng"]
+        return r
+
+
+def greedy_coreset(
+    x: np.ndarray,
+    n_select: int,
+    projection_dim: int = 128,
+    seed: int = 0,
+    existing: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of a greedy k-center coreset of `x` (PatchCore, Sener & Savarese 2018).
+
+    Each step takes the point farthest from everything selected so far. Distances are computed in a seeded
+    random projection (JL) to `projection_dim` dims, and minimum distances are updated with one matrix-vector
+    product per step, which is what makes this affordable on a CPU. With `existing`, selection continues from
+    a bank already chosen (used by incremental updates).
+    """
+    n = len(x)
+    n_select = int(min(max(n_select, 0), n))
+    if n_select == 0:
+        return np.zeros(0, dtype=np.int64)
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if projection_dim and x.shape[1] > projection_dim:
+        proj = torch.randn(x.shape[1], projection_dim, generator=g) / math.sqrt(projection_dim)
+        xp = xt @ proj
+    else:
+        proj = None
+        xp = xt
+    sq = (xp * xp).sum(1)
+    if existing is not None and len(existing):
+        e = torch.from_numpy(np.ascontiguousarray(existing, dtype=np.float32))
+        ep = e @ proj if proj is not None else e
+        min_d = torch.full((n,), float("inf"))
+        for s in range(0, len(ep), 4096):  # chunked so memory stays bounded for big banks
+            blk = ep[s : s + 4096]
+            d = sq[:, None] + (blk * blk).sum(1)[None, :] - 2.0 * xp @ blk.T
+            min_d = torch.minimum(min_d, d.min(1).values)
+        start = int(torch.argmax(min_d))
+    else:
+        min_d = torch.full((n,), float("inf"))
+        start = int(torch.randint(n, (1,), generator=g))
+    selected = np.empty(n_select, dtype=np.int64)
+    idx = start
+    for i in range(n_select):
+        selected[i] = idx
+        d = sq + sq[idx] - 2.0 * (xp @ xp[idx])
+        torch.minimum(min_d, d, out=min_d)
+        min_d[idx] = -1.0  # never pick twice
+        idx = int(torch.argmax(min_d))
+    return selected
+
+
+class NearestNeighbourIndex:
+    """faiss index over the bank: exact L2 (IndexFlatL2) or, for large banks, IVF-Flat (approximate)."""
+
+    def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 8, seed: int = 0):
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        d = bank.shape[1]
+        if kind == "ivf" and len(bank) >= 39 * nlist:  # faiss wants >= 39 points per centroid
+            quantizer = faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            index.cp.seed = seed
+            index.train(bank)
+            index.nprobe = nprobe
+        else:
+            index = faiss.IndexFlatL2(d)
+        index.add(bank)
+        self.index = index
+        self.kind = kind
+
+    def search(self, q: np.ndarray) -> np.ndarray:
+        """Distance (L2, not squared) of each query row to its nearest bank row."""
+        dist, _ = self.index.search(np.ascontiguousarray(q, dtype=np.float32), 1)
+        return np.sqrt(np.maximum(dist[:, 0], 0.0))
+
+
+class MemoryBank:
+    """A bank of normal patch features built by one of two seeded samplers.
+
+    - reservoir: a uniform random `ratio` of all patches (the seed paper's ~10 %); streams, bounded memory,
+      and later `add` calls keep it a uniform sample of every patch seen.
+    - coreset: greedy k-center selection of `ratio` of the patches (PatchCore); `add` continues the greedy
+      selection from the current bank over the new patches, so the bank grows by `ratio` of them.
+    """
+
+    def __init__(
+        self,
+        sampler: str = "reservoir",
+        ratio: float = 0.1,
+        coreset_projection_dim: int = 128,
+        index: str = "flat",
+        ivf_nlist: int = 256,
+        ivf_nprobe: int = 8,
+        seed: int = 0,
+    ):
+        self.sampler = sampler
+        self.ratio = ratio
+        self.coreset_projection_dim = coreset_projection_dim
+        self.index_kind = index
+        self.ivf_nlist = ivf_nlist
+        self.ivf_nprobe = ivf_nprobe
+        self.seed = seed
+        self.reservoir: Reservoir | None = None
+        self.bank_: np.ndarray | None = None
+        self.n_seen_ = 0
+        self._index: NearestNeighbourIndex | None = None
+        self._pending: list[np.ndarray] = []
+
+    # -- building ---------------------------------------------------------------------------------------
+    def start(self, total_patches: int, dim: int) -> None:
+        """Begin a fit over a stream of `total_patches` rows of `dim` features."""
+        self.n_seen_ = 0
+        self._pending = []
+        if self.sampler == "reservoir":
+            self.reservoir = Reservoir(max(1, int(round(self.ratio * total_patches))), dim, self.seed)
+
+    def partial_fit(self, patches: np.ndarray) -> None:
+        if self.sampler == "reservoir":
+            assert self.reservoir is not None, "call start() first"
+            self.reservoir.update(patches)
+        else:
+            self._pending.append(np.asarray(patches, dtype=np.float32))
+        self.n_seen_ += len(patches)
+
+    def finish(self) -> "MemoryBank":
+        if self.sampler == "reservoir":
+            assert self.reservoir is not None
+            self.bank_ = self.reservoir.filled.copy()
+        else:
+            x = np.concatenate(self._pending)
+            self._pending = []
+            sel = greedy_coreset(x, int(round(self.ratio * len(x))) or 1, self.coreset_projection_dim, self.seed)
+            self.bank_ = x[np.sort(sel)]
+        self._index = None
+        return self
+
+    def add(self, patches: np.ndarray) -> None:
+        """Incremental update with new normal patches (no refit)."""
+        self._require_fitted()
+        patches = np.asarray(patches, dtype=np.float32)
+        if self.sampler == "reservoir":
+            assert self.reservoir is not None
+            self.reservoir.update(patches)
+            self.bank_ = self.reservoir.filled.copy()
+        else:
+            n_new = int(round(self.ratio * len(patches)))
+            sel = greedy_coreset(patches, n_new, self.coreset_projection_dim, self.seed + self.n_seen_, self.bank_)
+            self.bank_ = np.concatenate([self.bank_, patches[np.sort(sel)]])
+        self.n_seen_ += len(patches)
+        self._index = None
+
+    # -- search -----------------------------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if self.bank_ is None:
+            raise HyADSError("memory bank is empty: fit the model first")
+
+    @property
+    def index(self) -> NearestNeighbourIndex:
+        self._require_fitted()
+        if self._index is None:
+            self._index = NearestNeighbourIndex(self.bank_, self.index_kind, self.ivf_nlist, self.ivf_nprobe, self.seed)
+        return self._index
+
+    def distances(self, patches: np.ndarray) -> np.ndarray:
+        return self.index.search(patches)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self._require_fitted()
+        tensors = {"bank": self.bank_}
+        meta: dict[str, Any] = {"n_seen": self.n_seen_}
+        if self.reservoir is not None:
+            meta["reservoir"] = self.reservoir.get_state()
+        return tensors, meta
+
+    def set_state(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.bank_ = np.ascontiguousarray(tensors["bank"], dtype=np.float32)
+        self.n_seen_ = int(meta["n_seen"])
+        if "reservoir" in meta:
+            self.reservoir = Reservoir.from_state(meta["reservoir"], self.bank_)
+        self._index = None

@@ -1,0 +1,1 @@
+"""Feature extraction: pretrained CNN backbones and multi-scale patch embeddings."""
