@@ -1,0 +1,263 @@
+"""Command-line interface (typer). Thin: parse options, call the pipeline, print, write files."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import HyADSError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="hyads: visual defect detection from normal images.")
+console = Console(stderr=True)
+DEFAULT_DEMO_DATA = Path("..") / "shared" / "data" / "mvtec_ad" / "bottle"
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user-fixable errors as one line (exit code 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HyADSError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (dict, list)):
+            continue
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+def _per_type_table(per_type: dict[str, dict[str, float]]) -> Table:
+    table = Table(title="per defect type")
+    cols = sorted({c for row in per_type.values() for c in row})
+    table.add_column("type")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for t, row in per_type.items():
+        table.add_row(t, *[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
+    return table
+
+
+@app.command()
+@_friendly
+def fit(
+    data: Path = typer.Argument(..., help="Dataset folder (MVTec layout, class folders, or a plain folder of normal images)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+    sampler: str = typer.Option("reservoir", help="Memory-bank sampler: reservoir | coreset."),
+    ratio: float = typer.Option(0.1, help="Fraction of normal patches kept in the bank."),
+    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 | resnet18."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weight file (required for resnet18)."),
+    image_size: int = typer.Option(256, help="Model resolution (multiple of 32)."),
+    index: str = typer.Option("flat", help="Nearest-neighbour index: flat (exact) | ivf (approximate)."),
+    seed: int = typer.Option(0, help="Seed for every random choice."),
+    test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
+) -> None:
+    """Fit a model on the normal (defect-free) training images of DATA."""
+    from .data.datasets import load_dataset
+    from .pipeline import HyADS
+
+    ds = load_dataset(data, test_fraction=test_fraction, seed=seed)
+    console.print(ds.summary())
+    model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
+                  image_size=image_size, index=index, seed=seed)
+    t0 = time.perf_counter()
+    model.fit(ds.train)
+    model.fit_info_["dataset"] = str(ds.root)
+    model.fit_info_["dataset_notes"] = ds.notes
+    model.save(out)
+    console.print(
+        f"fitted in {time.perf_counter() - t0:.1f} s: bank {model.fit_info_['bank_size']} patches "
+        f"({sampler}), threshold {model.threshold_:.4f} ({model.calibration_.method}); saved to {out}"
+    )
+
+
+@app.command()
+@_friendly
+def predict(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
+    inputs: list[Path] = typer.Argument(..., metavar="IMAGE_OR_DIR...", help="Images or folders of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for overlays, masks and the summary."),
+) -> None:
+    """Score images: writes a heat-map overlay and a mask PNG per image, plus summary.csv and summary.json."""
+    from .data.datasets import list_images
+    from .data.io import load_image
+    from .persist import load_model
+    from .report.overlay import heatmap_overlay, mask_png, save_png
+
+    model = load_model(model_path)
+    paths = list_images(inputs)
+    size = model.config.image_size
+    rows = []
+    for i in range(0, len(paths), model.config.batch_size):
+        chunk = paths[i : i + model.config.batch_size]
+        maps = model.anomaly_map(chunk)
+        for p, amap in zip(chunk, maps):
+            raw = float(amap.max())
+            mask = amap >= model.threshold_
+            stem = f"{len(rows):05d}_{p.stem}"
+            save_png(heatmap_overlay(load_image(p, size), model.normalise(amap), mask), out / f"{stem}_overlay.png")
+            save_png(mask_png(mask), out / f"{stem}_mask.png")
+            rows.append({"image": str(p), "score": float(model.normalise(raw)), "raw_score": raw,
+                         "label": "defect" if raw >= model.threshold_ else "normal",
+                         "defect_area_fraction": float(mask.mean()),
+                         "overlay": f"{stem}_overlay.png", "mask": f"{stem}_mask.png"})
+        console.print(f"{len(rows)}/{len(paths)} images", end="\r")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "summary.csv", buf.getvalue())
+    write_text_atomic(out / "summary.json", json.dumps({"threshold": model.threshold_, "results": rows}, indent=2))
+    n_def = sum(r["label"] == "defect" for r in rows)
+    console.print(f"{len(rows)} images: {n_def} defect, {len(rows) - n_def} normal; results in {out}")
+
+
+@app.command()
+@_friendly
+def evaluate(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
+    data: Path = typer.Argument(..., help="Dataset folder with a test split."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON (default: MODEL-evaluation.json)."),
+    report: Optional[Path] = typer.Option(None, help="Also write a report folder with overlays and an HTML page."),
+    seed: int = typer.Option(0, help="Seed for the normal-image split of class-folder datasets (use the fit's)."),
+    test_fraction: float = typer.Option(0.2, help="As given to fit, for class-folder datasets."),
+) -> None:
+    """Evaluate MODEL on DATA's test split: image AUROC/F1, pixel AUROC, AUPRO, IoU, Dice."""
+    from .data.datasets import load_dataset
+    from .evaluation import evaluate as run_eval
+    from .persist import load_model
+
+    model = load_model(model_path)
+    ds = load_dataset(data, test_fraction=test_fraction, seed=seed)
+    console.print(ds.summary())
+    result = run_eval(model, ds)
+    out = out or model_path.with_name(model_path.name + "-evaluation.json")
+    doc = {"model": str(model_path), "data": str(data), "hyads_version": __version__, "metrics": result.metrics}
+    write_text_atomic(out, json.dumps(_json_safe(doc), indent=2))
+    console.print(_metrics_table(result.metrics, f"evaluation of {model_path.name} on {data}"))
+    if result.per_type:
+        console.print(_per_type_table(result.per_type))
+    if report is not None:
+        from .report.html import write_report
+
+        write_report(model, result, report)
+        console.print(f"report: {report / 'index.html'}")
+    console.print(f"metrics written to {out}")
+
+
+@app.command()
+@_friendly
+def update(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory (rewritten atomically)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="New confirmed-normal images or folders."),
+) -> None:
+    """Add new normal images to a fitted model without refitting; re-calibrates the threshold."""
+    from .data.datasets import list_images
+    from .persist import load_model
+
+    model = load_model(model_path)
+    paths = list_images(images)
+    before = model.threshold_
+    model.add_normal(paths)
+    model.save(model_path)
+    console.print(f"added {len(paths)} images: bank {model.fit_info_['bank_size']} patches, "
+                  f"threshold {before:.4f} -> {model.threshold_:.4f}")
+
+
+@app.command()
+@_friendly
+def demo(
+    data: Path = typer.Option(DEFAULT_DEMO_DATA, help="Dataset folder; default: the MVTec AD bottle images in ../shared/data."),
+    out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Folder for the model and the report."),
+    sampler: str = typer.Option("reservoir", help="reservoir | coreset."),
+) -> None:
+    """Fit on DATA's normal images, evaluate on its test split and write a report (falls back to synthetic data)."""
+    from .data.datasets import load_dataset
+    from .data.synth import write_dataset
+    from .evaluation import evaluate as run_eval
+    from .pipeline import HyADS
+    from .report.html import write_report
+
+    env = os.environ.get("HYADS_DATA")
+    if data == DEFAULT_DEMO_DATA and env:
+        data = Path(env) / "mvtec_ad" / "bottle"
+    if not data.exists():
+        console.print(f"[yellow]{data} not found[/] (the shared MVTec AD data is not on this machine); "
+                      "using a synthetic dataset generated by hyads.synth instead.")
+        data = write_dataset(out / "synthetic-data", seed=0)
+    ds = load_dataset(data)
+    console.print(ds.summary())
+    t0 = time.perf_counter()
+    model = HyADS(sampler=sampler).fit(ds.train)
+    model.fit_info_["dataset"] = str(ds.root)
+    model.save(out / "model")
+    console.print(f"fitted in {time.perf_counter() - t0:.1f} s; threshold {model.threshold_:.4f}")
+    result = run_eval(model, ds)
+    console.print(_metrics_table(result.metrics, f"demo on {data}"))
+    if result.per_type:
+        console.print(_per_type_table(result.per_type))
+    write_report(model, result, out / "report")
+    console.print(f"model: {out / 'model'}\nreport: {out / 'report' / 'index.html'}")
+
+
+@app.command()
+def version() -> None:
+    """Print the hyads version."""
+    typer.echo(__version__)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
