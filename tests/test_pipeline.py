@@ -1,0 +1,136 @@
+"""The HyADS estimator on synthetic data: contract, scores, masks, incremental update, model files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hyads import HyADS, HyADSConfig, load_model
+from hyads.data import load_dataset
+from hyads.data.synth import add_defect, make_surface
+from hyads.errors import HyADSError, ModelFileError, NotFittedError
+from hyads.metrics import auroc
+
+
+def test_fit_returns_self_and_learned_attributes(synth_model):
+    assert isinstance(synth_model, HyADS)
+    assert synth_model.bank_.bank_.shape[1] == 152
+    assert synth_model.threshold_ > 0
+    assert synth_model.fit_info_["n_validation_images"] >= 1
+
+
+def test_defects_score_above_normals(synth_model, synth_root):
+    ds = load_dataset(synth_root)
+    labels = np.array([s.label for s in ds.test])
+    scores = synth_model.score_samples([s.path for s in ds.test])
+    assert auroc(labels, scores) >= 0.9
+    norm = synth_model.decision_function([s.path for s in ds.test])
+    assert np.all((norm >= 0) & (norm <= 1))
+    np.testing.assert_array_equal(synth_model.predict([s.path for s in ds.test]), (norm >= 0.5).astype(int))
+
+
+def test_mask_is_where_the_defect_is(synth_model):
+    rng = np.random.default_rng(123)
+    img, gt = add_defect(make_surface(rng, 128), rng, "spot")
+    amap = synth_model.anomaly_map([img])[0]
+    assert amap.shape == (128, 128)
+    assert amap[gt].mean() > 2 * amap[~gt].mean()
+    mask = synth_model.predict_mask([img])[0]
+    assert mask.any() == bool(synth_model.predict([img])[0])
+    assert (mask & gt).sum() > 0.5 * gt.sum()
+
+
+def test_arrays_and_paths_give_the_same_maps(synth_model, synth_root):
+    from hyads.data.io import load_image
+
+    path = sorted((synth_root / "test" / "good").iterdir())[0]
+    a = synth_model.anomaly_map([path])
+    b = synth_model.anomaly_map([(load_image(path) * 255).round().astype(np.uint8)])
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_fit_is_deterministic(synth_root):
+    ds = load_dataset(synth_root)
+    maps = []
+    for _ in range(2):
+        m = HyADS(image_size=128, seed=7)
+        m.progress = False
+        m.fit(ds.train[:10])
+        maps.append(m.anomaly_map([ds.test[-1].path]))
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
+def test_unfitted_and_bad_arguments():
+    with pytest.raises(NotFittedError):
+        HyADS().score_samples([np.zeros((64, 64, 3))])
+    with pytest.raises(HyADSError, match="image_size"):
+        HyADS(image_size=100)
+    with pytest.raises(HyADSError, match="sampler"):
+        HyADS(sampler="kmeans")
+    with pytest.raises(HyADSError, match="at least one"):
+        HyADS().fit([])
+
+
+def test_config_json_roundtrip():
+    c = HyADSConfig(sampler="coreset", ratio=0.05, image_size=128)
+    assert HyADSConfig.from_json(c.to_json()) == c
+    with pytest.raises(HyADSError, match="unknown config fields"):
+        HyADSConfig.from_dict({"nope": 1})
+
+
+def test_add_normal_grows_knowledge_and_recalibrates(synth_root):
+    ds = load_dataset(synth_root)
+    model = HyADS(image_size=128, seed=0, sampler="coreset", ratio=0.1)
+    model.progress = False
+    model.fit(ds.train[:8])
+    # A new kind of surface: anomalous everywhere at first, normal once some have been added.
+    rng = np.random.default_rng(5)
+    brighter = [make_surface(rng, 128, "brushed") for _ in range(6)]
+    before = model.score_samples(brighter[3:])
+    n_scores = len(model.normal_scores_)
+    bank_before = len(model.bank_.bank_)
+    model.add_normal(brighter[:3])
+    after = model.score_samples(brighter[3:])
+    assert after.mean() < 0.7 * before.mean(), (before, after)
+    assert len(model.bank_.bank_) > bank_before
+    assert len(model.normal_scores_) == n_scores + 3
+    assert model.fit_info_["n_added_images"] == 3
+
+
+def test_save_load_roundtrip(tmp_path, synth_model, synth_root):
+    path = synth_model.save(tmp_path / "m")
+    doc = json.loads((path / "model.json").read_text())
+    assert doc["format_version"] == 1 and doc["config"]["image_size"] == 128
+    loaded = load_model(path)
+    img = sorted((synth_root / "test" / "crack").iterdir())[0]
+    np.testing.assert_array_equal(loaded.anomaly_map([img]), synth_model.anomaly_map([img]))
+    assert loaded.threshold_ == synth_model.threshold_
+    # Overwriting an existing model is atomic and leaves no temp folders behind.
+    synth_model.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_model_file_errors(tmp_path, synth_model):
+    path = synth_model.save(tmp_path / "m")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "absent")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    with pytest.raises(ModelFileError, match="refusing to overwrite"):
+        synth_model.save(tmp_path / "other")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "user data"
+
+    doc = json.loads((path / "model.json").read_text())
+    doc["format_version"] = 99
+    (path / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="newer hyads"):
+        load_model(path)
+    doc["format_version"] = 1
+    (path / "model.json").write_text(json.dumps(doc)[:100])
+    with pytest.raises(ModelFileError, match="corrupt or truncated JSON"):
+        load_model(path)
+    (path / "model.json").write_text(json.dumps(doc))
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="tensors.safetensors"):
+        load_model(path)
