@@ -134,3 +134,18 @@ def test_model_file_errors(tmp_path, synth_model):
     (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="tensors.safetensors"):
         load_model(path)
+
+
+def test_threshold_from_validation_defects_uses_f1_max(synth_root):
+    ds = load_dataset(synth_root)
+    model = HyADS(image_size=128, seed=0)
+    model.progress = False
+    val = ds.test
+    model.fit(ds.train, [s.path for s in val], [s.label for s in val])
+    assert model.calibration_.method == "validation F1-max"
+    from hyads.metrics import f1_max
+
+    scores = model.score_samples([s.path for s in val])
+    best, thr = f1_max([s.label for s in val], scores)
+    assert model.threshold_ == pytest.approx(thr)
+    assert model.normalise(thr) == pytest.approx(0.5)

@@ -100,6 +100,9 @@ def fit(
     index: str = typer.Option("flat", help="Nearest-neighbour index: flat (exact) | ivf (approximate)."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
     test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
+    val_data: Optional[Path] = typer.Option(
+        None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
+        "default: a held-out share of the normal training images."),
 ) -> None:
     """Fit a model on the normal (defect-free) training images of DATA."""
     from .data.datasets import load_dataset
@@ -107,10 +110,16 @@ def fit(
 
     ds = load_dataset(data, test_fraction=test_fraction, seed=seed)
     console.print(ds.summary())
+    val_images = val_labels = None
+    if val_data is not None:
+        val = load_dataset(val_data, test_fraction=test_fraction, seed=seed)
+        if not val.test:
+            raise HyADSError(f"{val_data}: has no labelled test images to calibrate on")
+        val_images, val_labels = [s.path for s in val.test], [s.label for s in val.test]
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
                   image_size=image_size, index=index, seed=seed)
     t0 = time.perf_counter()
-    model.fit(ds.train)
+    model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
     model.fit_info_["dataset_notes"] = ds.notes
     model.save(out)
