@@ -36,7 +36,6 @@ def test_fit_and_evaluate_bottle_auroc_floor(bottle_model, bottle, tmp_path):
     assert metrics["pixel_auroc"] >= 0.97
     assert metrics["aupro"] >= 0.85
     assert (tmp_path / "report" / "index.html").exists()
-    assert len(list((tmp_path / "report" / "images").glob("*.png"))) == 83
 
 
 @pytest.mark.slow

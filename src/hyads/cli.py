@@ -189,12 +189,17 @@ def evaluate(
     ds = load_dataset(data, test_fraction=test_fraction, seed=seed)
     console.print(ds.summary())
     result = run_eval(model, ds)
+    result.metrics["data"] = str(data)
     out = out or model_path.with_name(model_path.name + "-evaluation.json")
     doc = {"model": str(model_path), "data": str(data), "hyads_version": __version__, "metrics": result.metrics}
     write_text_atomic(out, json.dumps(_json_safe(doc), indent=2))
     console.print(_metrics_table(result.metrics, f"evaluation of {model_path.name} on {data}"))
     if result.per_type:
         console.print(_per_type_table(result.per_type))
+    if "by_size" in result.metrics:
+        bs = result.metrics["by_size"]
+        console.print(f"small defects (< {bs['small_area_fraction']:.0%} of the image): n={bs['small']['n']} "
+                      f"F1={bs['small']['f1']:.4f}; large: n={bs['large']['n']} F1={bs['large']['f1']:.4f}")
     if report is not None:
         from .report.html import write_report
 
@@ -247,15 +252,36 @@ def demo(
     console.print(ds.summary())
     t0 = time.perf_counter()
     model = HyADS(sampler=sampler).fit(ds.train)
+    result_data = str(ds.root)
     model.fit_info_["dataset"] = str(ds.root)
     model.save(out / "model")
     console.print(f"fitted in {time.perf_counter() - t0:.1f} s; threshold {model.threshold_:.4f}")
     result = run_eval(model, ds)
+    result.metrics["data"] = result_data
     console.print(_metrics_table(result.metrics, f"demo on {data}"))
     if result.per_type:
         console.print(_per_type_table(result.per_type))
     write_report(model, result, out / "report")
     console.print(f"model: {out / 'model'}\nreport: {out / 'report' / 'index.html'}")
+
+
+@app.command("benchmark-suite")
+@_friendly
+def benchmark_suite(
+    data: Path = typer.Option(Path("..") / "shared" / "data", help="Folder holding the shared datasets."),
+    out: Path = typer.Option(Path("runs") / "suite", "--out", "-o", help="Folder for reports and summary.md."),
+    sampler: str = typer.Option("reservoir", help="reservoir | coreset."),
+    image_size: int = typer.Option(256, help="Model resolution."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Fit + evaluate on every shared dataset that applies; writes one Markdown table (summary.md)."""
+    from .errors import DatasetError
+    from .suite import run_suite
+
+    if not data.is_dir():
+        raise DatasetError(f"{data}: data folder not found")
+    run_suite(data, out, sampler=sampler, image_size=image_size, seed=seed, log=console.print)
+    console.print((out / "summary.md").read_text(), markup=False)
 
 
 @app.command()
