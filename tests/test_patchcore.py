@@ -83,6 +83,7 @@ def test_ivf_index_is_close_to_exact():
     q = rng.normal(size=(200, 16)).astype(np.float32)
     exact = NearestNeighbourIndex(bank).search(q)
     approx = NearestNeighbourIndex(bank, "ivf", nlist=64, nprobe=16).search(q)
+    assert NearestNeighbourIndex(bank, "auto").kind == "ivf" and NearestNeighbourIndex(bank[:500], "auto").kind == "flat"
     assert np.all(approx >= exact - 1e-4)  # an approximate NN is never nearer than the true one
     assert np.mean(np.isclose(approx, exact, rtol=1e-4)) > 0.8
 

@@ -87,6 +87,22 @@ def _per_type_table(per_type: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+RUNTIME_HELP = "Feature extractor: torch | onnx | onnx-int8 (ONNX graphs from `hyads export`)."
+
+
+def _load(model_path: Path, runtime: str = "torch", onnx_dir: Optional[Path] = None, threads: Optional[int] = None):
+    from .persist import load_model
+
+    model = load_model(model_path)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if runtime != "torch":
+        model.use_runtime(runtime, onnx_dir or model_path / "onnx", threads=threads)
+    return model
+
+
 @app.command()
 @_friendly
 def fit(
@@ -97,7 +113,7 @@ def fit(
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 | resnet18."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weight file (required for resnet18)."),
     image_size: int = typer.Option(256, help="Model resolution (multiple of 32)."),
-    index: str = typer.Option("flat", help="Nearest-neighbour index: flat (exact) | ivf (approximate)."),
+    index: str = typer.Option("auto", help="Nearest-neighbour index: auto (IVF above 10k bank rows) | flat (exact) | ivf."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
     test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
     val_data: Optional[Path] = typer.Option(
@@ -135,14 +151,15 @@ def predict(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
     inputs: list[Path] = typer.Argument(..., metavar="IMAGE_OR_DIR...", help="Images or folders of images."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for overlays, masks and the summary."),
+    runtime: str = typer.Option("torch", help=RUNTIME_HELP),
+    onnx_dir: Optional[Path] = typer.Option(None, help="Folder of the ONNX export (default MODEL/onnx)."),
 ) -> None:
     """Score images: writes a heat-map overlay and a mask PNG per image, plus summary.csv and summary.json."""
     from .data.datasets import list_images
     from .data.io import load_image
-    from .persist import load_model
     from .report.overlay import heatmap_overlay, mask_png, save_png
 
-    model = load_model(model_path)
+    model = _load(model_path, runtime, onnx_dir)
     paths = list_images(inputs)
     size = model.config.image_size
     rows = []
@@ -179,13 +196,14 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, help="Also write a report folder with overlays and an HTML page."),
     seed: int = typer.Option(0, help="Seed for the normal-image split of class-folder datasets (use the fit's)."),
     test_fraction: float = typer.Option(0.2, help="As given to fit, for class-folder datasets."),
+    runtime: str = typer.Option("torch", help=RUNTIME_HELP),
+    onnx_dir: Optional[Path] = typer.Option(None, help="Folder of the ONNX export (default MODEL/onnx)."),
 ) -> None:
     """Evaluate MODEL on DATA's test split: image AUROC/F1, pixel AUROC, AUPRO, IoU, Dice."""
     from .data.datasets import load_dataset
     from .evaluation import evaluate as run_eval
-    from .persist import load_model
 
-    model = load_model(model_path)
+    model = _load(model_path, runtime, onnx_dir)
     ds = load_dataset(data, test_fraction=test_fraction, seed=seed)
     console.print(ds.summary())
     result = run_eval(model, ds)
@@ -263,6 +281,76 @@ def demo(
         console.print(_per_type_table(result.per_type))
     write_report(model, result, out / "report")
     console.print(f"model: {out / 'model'}\nreport: {out / 'report' / 'index.html'}")
+
+
+@app.command()
+@_friendly
+def export(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default MODEL/onnx)."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 graph calibrated on normal images."),
+    calibration: Optional[Path] = typer.Option(
+        None, help="Normal images (folder or dataset) for INT8 calibration; default: the model's training data."),
+    n_calibration: int = typer.Option(32, help="Number of calibration images."),
+) -> None:
+    """Export the neural feature extractor to ONNX (dynamic batch), optionally INT8-quantised."""
+    from .data.datasets import load_dataset
+    from .export.onnx import export_onnx, quantize_int8
+    from .persist import load_model
+
+    if fmt != "onnx":
+        raise HyADSError(f"unknown export format {fmt!r}: only onnx is supported")
+    model = load_model(model_path)
+    out = out or model_path / "onnx"
+    path = export_onnx(model, out)
+    console.print(f"wrote {path}")
+    if int8:
+        source = calibration or model.fit_info_.get("dataset")
+        if not source:
+            raise HyADSError("--int8 needs --calibration DIR (normal images)")
+        train = load_dataset(source).train
+        step = max(1, len(train) // n_calibration)
+        path = quantize_int8(model, out, train[::step][:n_calibration])
+        console.print(f"wrote {path} (calibrated on {min(n_calibration, len(train))} normal images from {source})")
+
+
+@app.command()
+@_friendly
+def bench(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
+    images: Optional[Path] = typer.Option(None, help="Images to time on (default: the model's training data)."),
+    runtime: str = typer.Option("torch", help=RUNTIME_HELP),
+    onnx_dir: Optional[Path] = typer.Option(None, help="Folder of the ONNX export (default MODEL/onnx)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch / ONNX Runtime."),
+    batch: int = typer.Option(1, help="Batch size."),
+    n_images: int = typer.Option(32, help="Images per repetition."),
+    reps: int = typer.Option(5, help="Repetitions (median reported), after one warm-up."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the figures as JSON."),
+) -> None:
+    """Per-stage speed: img/s, latency p50/p95, stage breakdown, bare backbone, GFLOP/s utilisation, peak RSS."""
+    from .bench import run_bench
+    from .data.datasets import list_images, load_dataset
+
+    model = _load(model_path, runtime, onnx_dir, threads)
+    source = images or model.fit_info_.get("dataset")
+    if not source:
+        raise HyADSError("pass --images DIR")
+    source = Path(source)
+    paths = load_dataset(source).train if (source / "train").is_dir() else list_images([source])
+    res = run_bench(model, paths[:n_images], batch=batch, reps=reps)
+    table = Table(title=f"hyads bench: {res['runtime']}, batch {batch}, {res['threads']} threads")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in res.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                table.add_row(f"{k}.{kk}", f"{vv:.2f}")
+        else:
+            table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    if out:
+        write_text_atomic(out, json.dumps(_json_safe(res), indent=2))
 
 
 @app.command("benchmark-suite")

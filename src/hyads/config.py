@@ -11,7 +11,7 @@ from .errors import HyADSError
 
 BACKBONES = ("efficientnet_lite0", "resnet18")
 SAMPLERS = ("reservoir", "coreset")
-INDEXES = ("flat", "ivf")
+INDEXES = ("auto", "flat", "ivf")
 
 
 @dataclass
@@ -32,8 +32,10 @@ class HyADSConfig:
     sampler: str = "reservoir"
     ratio: float = 0.1
     coreset_projection_dim: int = 128
-    index: str = "flat"
-    ivf_nlist: int = 256
+    # "auto": exact search below ivf_min_bank rows, IVF-Flat above (measured: same AUROC on bottle, ~9x faster).
+    index: str = "auto"
+    ivf_min_bank: int = 10_000
+    ivf_nlist: int = 0  # 0 = 2 * sqrt(bank rows)
     ivf_nprobe: int = 8
     # Anomaly map post-processing.
     smoothing_sigma: float = 4.0

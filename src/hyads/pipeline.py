@@ -62,6 +62,7 @@ class HyADS:
         cfg.update(overrides)
         self.config = HyADSConfig.from_dict(cfg)
         self.progress = True
+        self.runtime: Any = None  # None = eager torch; else an ONNX Runtime feature extractor (use_runtime)
 
     # -- building blocks -----------------------------------------------------------------------------
     def _build_features(self) -> None:
@@ -82,16 +83,39 @@ class HyADS:
         for s in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not show, leave=False):
             yield np.stack([_to_rgb(im, self.config.image_size) for im in images[s : s + bs]])
 
-    @torch.inference_mode()
+    def use_runtime(self, runtime: str = "torch", onnx_dir: str | Path | None = None,
+                    threads: int | None = None) -> "HyADS":
+        """Run the feature extractor with eager torch (default), or an ONNX export: "onnx" or "onnx-int8"."""
+        if runtime == "torch":
+            self.runtime = None
+        elif runtime in ("onnx", "onnx-int8"):
+            from .export.onnx import OnnxFeatures
+
+            if onnx_dir is None:
+                raise HyADSError(f"runtime {runtime} needs the folder written by `hyads export`")
+            self.runtime = OnnxFeatures(self, onnx_dir, int8=runtime == "onnx-int8", threads=threads)
+        else:
+            raise HyADSError(f"unknown runtime {runtime!r}: use torch, onnx or onnx-int8")
+        return self
+
     def _patches(self, rgb: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) float RGB -> (B, h, w, D) patch features."""
+        if self.runtime is not None:
+            return self.runtime(rgb)
+        return self._patches_torch(rgb)
+
+    @torch.inference_mode()
+    def _patches_torch(self, rgb: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
         feats = self.embedder_(self.backbone_.features(x))
         return feats.permute(0, 2, 3, 1).contiguous().numpy()
 
     def _maps_from_patches(self, patches: np.ndarray) -> np.ndarray:
         b, h, w, d = patches.shape
-        dist = self.bank_.distances(patches.reshape(-1, d)).reshape(b, 1, h, w)
+        return self._upsample_smooth(self.bank_.distances(patches.reshape(-1, d)).reshape(b, 1, h, w))
+
+    def _upsample_smooth(self, dist: np.ndarray) -> np.ndarray:
+        """(B, 1, h, w) patch distances -> (B, S, S) maps: bilinear upsampling then Gaussian smoothing."""
         size = self.config.image_size
         up = F.interpolate(torch.from_numpy(dist.astype(np.float32)), size=(size, size), mode="bilinear",
                            align_corners=False)[:, 0].numpy()
@@ -128,8 +152,7 @@ class HyADS:
             train = images
         self._build_features()
         g = c.image_size // self.backbone_.tap_strides[0]
-        self.bank_ = MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist,
-                                c.ivf_nprobe, c.seed)
+        self.bank_ = _new_bank(c)
         self.bank_.start(len(train) * g * g, self.embedder_.out_dim)
         for rgb in self._batches(train, "features"):
             p = self._patches(rgb)
@@ -238,13 +261,16 @@ class HyADS:
         return load_model(path)
 
 
+def _new_bank(c: HyADSConfig) -> MemoryBank:
+    return MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe, c.seed,
+                      c.ivf_min_bank)
+
+
 def _restore(config: HyADSConfig, bank_tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
     """Rebuild a fitted model from persisted state (used by persist.load_model)."""
     model = HyADS(config)
     model._build_features()
-    c = config
-    model.bank_ = MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe,
-                             c.seed)
+    model.bank_ = _new_bank(config)
     model.bank_.set_state({"bank": bank_tensors["bank"]}, state["bank"])
     if model.bank_.bank_.shape[1] != model.embedder_.out_dim:
         raise HyADSError(

@@ -118,10 +118,15 @@ def greedy_coreset(
 class NearestNeighbourIndex:
     """faiss index over the bank: exact L2 (IndexFlatL2) or, for large banks, IVF-Flat (approximate)."""
 
-    def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 8, seed: int = 0):
+    def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 8, seed: int = 0,
+                 min_ivf: int = 10_000):
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         d = bank.shape[1]
-        if kind == "ivf" and len(bank) >= 39 * nlist:  # faiss wants >= 39 points per centroid
+        if kind == "auto":
+            kind = "ivf" if len(bank) >= min_ivf else "flat"
+        nlist = nlist or max(16, int(2 * math.sqrt(len(bank))))
+        nlist = min(nlist, len(bank) // 39)  # faiss wants >= 39 training points per centroid
+        if kind == "ivf" and nlist >= 2:
             quantizer = faiss.IndexFlatL2(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
             index.cp.seed = seed
@@ -129,6 +134,7 @@ class NearestNeighbourIndex:
             index.nprobe = nprobe
         else:
             index = faiss.IndexFlatL2(d)
+            kind = "flat"
         index.add(bank)
         self.index = index
         self.kind = kind
@@ -153,10 +159,11 @@ class MemoryBank:
         sampler: str = "reservoir",
         ratio: float = 0.1,
         coreset_projection_dim: int = 128,
-        index: str = "flat",
-        ivf_nlist: int = 256,
+        index: str = "auto",
+        ivf_nlist: int = 0,
         ivf_nprobe: int = 8,
         seed: int = 0,
+        ivf_min_bank: int = 10_000,
     ):
         self.sampler = sampler
         self.ratio = ratio
@@ -164,6 +171,7 @@ class MemoryBank:
         self.index_kind = index
         self.ivf_nlist = ivf_nlist
         self.ivf_nprobe = ivf_nprobe
+        self.ivf_min_bank = ivf_min_bank
         self.seed = seed
         self.reservoir: Reservoir | None = None
         self.bank_: np.ndarray | None = None
@@ -223,7 +231,8 @@ class MemoryBank:
     def index(self) -> NearestNeighbourIndex:
         self._require_fitted()
         if self._index is None:
-            self._index = NearestNeighbourIndex(self.bank_, self.index_kind, self.ivf_nlist, self.ivf_nprobe, self.seed)
+            self._index = NearestNeighbourIndex(self.bank_, self.index_kind, self.ivf_nlist, self.ivf_nprobe,
+                                                self.seed, self.ivf_min_bank)
         return self._index
 
     def distances(self, patches: np.ndarray) -> np.ndarray:

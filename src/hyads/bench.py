@@ -1,0 +1,151 @@
+"""Per-stage speed benchmark of a fitted model, in one process so ratios are comparable.
+
+Stages: decode+resize, backbone, patch aggregation (fused with the backbone under ONNX), kNN search,
+post-processing (upsample + Gaussian + max). Also: the whole pipeline as users call it, the bare feature
+extractor alone, this machine's measured fp32 matmul GFLOP/s, the model's FLOPs per image (so the utilisation
+is printed), and peak RSS. Warm-up runs are excluded; each figure is the median of several repetitions.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .pipeline import HyADS, _to_rgb
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    """Measured fp32 GEMM throughput of this machine with torch's BLAS (GFLOP/s, median of reps)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def feature_flops(model: HyADS) -> int:
+    """FLOPs of backbone + patch aggregation for one image (torch's flop counter: convs and matmuls)."""
+    size = model.config.image_size
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.embedder_(model.backbone_.features(torch.rand(1, 3, size, size)))
+    return int(counter.get_total_flops())
+
+
+def _median_time(fn: Any, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Time each stage on `images` (cycled to fill batches); returns a JSON-able dict."""
+    size = model.config.image_size
+    runtime = "torch" if model.runtime is None else Path(model.runtime.path).name
+    images = list(images)
+    n = max(batch, (len(images) // batch) * batch)
+    images = [images[i % len(images)] for i in range(n)]
+    batches = [images[i : i + batch] for i in range(0, n, batch)]
+    model.progress = False
+    model.config.batch_size = batch
+
+    stage: dict[str, list[float]] = {k: [] for k in ("decode", "backbone", "aggregation", "features", "knn", "post")}
+    latencies: list[float] = []
+
+    def one_pass(record: bool) -> None:
+        for b in batches:
+            t0 = time.perf_counter()
+            rgb = np.stack([_to_rgb(im, size) for im in b])
+            t1 = time.perf_counter()
+            if model.runtime is None:
+                with torch.inference_mode():
+                    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
+                    taps = model.backbone_.features(x)
+                    t2 = time.perf_counter()
+                    p = model.embedder_(taps).permute(0, 2, 3, 1).contiguous().numpy()
+            else:
+                t2 = time.perf_counter()
+                p = model.runtime(rgb)
+            t3 = time.perf_counter()
+            bsz, h, w, d = p.shape
+            dist = model.bank_.distances(p.reshape(-1, d)).reshape(bsz, 1, h, w)
+            t4 = time.perf_counter()
+            model._upsample_smooth(dist).reshape(bsz, -1).max(1)
+            t5 = time.perf_counter()
+            if record:
+                stage["decode"].append(t1 - t0)
+                if model.runtime is None:
+                    stage["backbone"].append(t2 - t1)
+                    stage["aggregation"].append(t3 - t2)
+                stage["features"].append(t3 - t1)
+                stage["knn"].append(t4 - t3)
+                stage["post"].append(t5 - t4)
+                latencies.append(t5 - t0)
+
+    for _ in range(warmup):
+        one_pass(False)
+    totals = []
+    for _ in range(reps):
+        for v in stage.values():
+            v.clear()
+        latencies.clear()
+        t = time.perf_counter()
+        one_pass(True)
+        totals.append(time.perf_counter() - t)
+    per_image_ms = {k: 1000 * sum(v) / n for k, v in stage.items() if v}
+    total_ms = 1000 * statistics.median(totals) / n
+
+    # The whole pipeline as a user calls it (anomaly_map on paths), and the bare feature extractor alone.
+    pipeline_s = _median_time(lambda: [model.anomaly_map(b) for b in batches], reps)
+    rgb_batches = [np.stack([_to_rgb(im, size) for im in b]) for b in batches]
+    bare_s = _median_time(lambda: [model._patches(r) for r in rgb_batches], reps)
+    if model.runtime is None:
+        with torch.inference_mode():
+            xs = [torch.from_numpy(r).permute(0, 3, 1, 2).contiguous() for r in rgb_batches]
+            backbone_s = _median_time(lambda: [model.backbone_.features(x) for x in xs], reps)
+    else:
+        backbone_s = bare_s
+
+    flops_features = feature_flops(model)
+    bank_rows, dim = model.bank_.bank_.shape
+    grid = (size // model.backbone_.tap_strides[0]) ** 2
+    flops_knn_exact = 2 * grid * bank_rows * dim
+    gflops = matmul_gflops()
+    img_s = n / pipeline_s
+    lat = np.array(latencies) * 1000 / batch if batch > 1 else np.array(latencies) * 1000
+    return {
+        "runtime": runtime,
+        "batch": batch,
+        "images": n,
+        "threads": torch.get_num_threads(),
+        "pipeline_images_per_second": img_s,
+        "bare_backbone_images_per_second": n / backbone_s,
+        "bare_features_images_per_second": n / bare_s,
+        "pipeline_over_backbone": img_s / (n / backbone_s),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p95": float(np.percentile(lat, 95)),
+        "stage_ms_per_image": per_image_ms,
+        "stage_total_ms_per_image": total_ms,
+        "knn_share": per_image_ms["knn"] / sum(v for k, v in per_image_ms.items() if k not in ("backbone", "aggregation")),
+        "bank_rows": int(bank_rows),
+        "index": model.bank_.index.kind,
+        "feature_gflop_per_image": flops_features / 1e9,
+        "knn_exact_gflop_per_image": flops_knn_exact / 1e9,
+        "machine_matmul_gflops": gflops,
+        "feature_utilisation": (flops_features * n / backbone_s / 1e9) / gflops,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

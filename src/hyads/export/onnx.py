@@ -1,0 +1,157 @@
+"""ONNX export of the feature extractor (backbone taps + patch aggregation) and ONNX Runtime inference.
+
+The nearest-neighbour search stays in faiss: it is a plain matrix product against the bank that faiss
+already runs with BLAS, and keeping it out of the graph lets `add_normal` change the bank without re-export.
+The graph has a dynamic batch axis and a fixed spatial size (the model's image size): the backbone's TF-SAME
+padding is fixed for that size, see features/backbones.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import HyADSError, ModelFileError
+
+if TYPE_CHECKING:
+    from ..pipeline import HyADS
+
+FP32_NAME = "features.onnx"
+INT8_NAME = "features.int8.onnx"
+META_NAME = "export.json"
+
+
+class FeatureNet(nn.Module):
+    """backbone.features -> patch embedder, as one module for export: (B, 3, S, S) in [0, 1] -> (B, D, h, w)."""
+
+    def __init__(self, backbone: nn.Module, embedder: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.embedder = embedder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedder(self.backbone.features(x))
+
+
+def _fingerprint(model: "HyADS") -> dict[str, Any]:
+    c = model.config
+    return {"backbone": c.backbone, "weights": c.weights, "image_size": c.image_size,
+            "patch_neighbourhood": c.patch_neighbourhood, "projection_dim": c.projection_dim, "seed": c.seed}
+
+
+def export_onnx(model: "HyADS", out_dir: str | Path, opset: int = 17) -> Path:
+    """Write features.onnx (fp32, dynamic batch) and export.json into out_dir; returns the ONNX path."""
+    model._require_fitted()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = FeatureNet(model.backbone_, model.embedder_).eval()
+    size = model.config.image_size
+    dummy = torch.rand(2, 3, size, size)
+    fd, tmp = tempfile.mkstemp(prefix=".features.", suffix=".onnx", dir=out_dir)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (dummy,), tmp, input_names=["image"], output_names=["features"],
+                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=opset,
+                dynamo=False,  # the TorchScript exporter gives one plain graph with no extra dependencies
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_dir / FP32_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"fingerprint": _fingerprint(model), "feature_dim": int(model.embedder_.out_dim), "opset": opset,
+            "files": {"fp32": FP32_NAME}}
+    _write_meta(out_dir, meta)
+    return out_dir / FP32_NAME
+
+
+def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = out_dir / f".{META_NAME}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out_dir / META_NAME)
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over normal images (one image per batch)."""
+
+    def __init__(self, model: "HyADS", images: Sequence[Any]):
+        from ..pipeline import _to_rgb
+
+        self._items = iter(
+            [{"image": _to_rgb(im, model.config.image_size).transpose(2, 0, 1)[None].copy()} for im in images]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by the MinMax calibrator
+        pass
+
+
+def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Sequence[Any]) -> Path:
+    """Static INT8 quantisation (QDQ, per-channel weights, MinMax calibration on normal images)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_dir = Path(out_dir)
+    fp32 = out_dir / FP32_NAME
+    if not fp32.is_file():
+        fp32 = export_onnx(model, out_dir)
+    if not calibration_images:
+        raise HyADSError("INT8 quantisation needs normal calibration images")
+    with tempfile.TemporaryDirectory(dir=out_dir) as td:
+        pre = Path(td) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        tmp_out = Path(td) / INT8_NAME
+        quantize_static(
+            str(pre), str(tmp_out), _Calibration(model, calibration_images), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        os.replace(tmp_out, out_dir / INT8_NAME)
+    meta = json.loads((out_dir / META_NAME).read_text())
+    meta["files"]["int8"] = INT8_NAME
+    meta["int8_calibration_images"] = len(calibration_images)
+    _write_meta(out_dir, meta)
+    return out_dir / INT8_NAME
+
+
+class OnnxFeatures:
+    """Callable feature extractor backed by an ONNX Runtime session: (B, S, S, 3) RGB -> (B, h, w, D)."""
+
+    def __init__(self, model: "HyADS", onnx_dir: str | Path, int8: bool = False, threads: int | None = None):
+        import onnxruntime as ort
+
+        onnx_dir = Path(onnx_dir)
+        meta_path = onnx_dir / META_NAME
+        if not meta_path.is_file():
+            raise ModelFileError(f"{onnx_dir}: no ONNX export found (run `hyads export MODEL --out {onnx_dir}`)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != _fingerprint(model):
+            raise ModelFileError(f"{onnx_dir}: exported from a different model configuration; export again")
+        name = INT8_NAME if int8 else FP32_NAME
+        if name not in meta["files"].values():
+            raise ModelFileError(f"{onnx_dir}: no {'INT8' if int8 else 'fp32'} graph (run `hyads export` "
+                                 f"{'with --int8' if int8 else ''})")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_dir / name), so, providers=["CPUExecutionProvider"])
+        self.path = onnx_dir / name
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
+        out = self.session.run(None, {"image": x})[0]
+        return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
