@@ -106,3 +106,17 @@ def test_memory_bank_fit_and_add(sampler):
     else:
         assert bank.bank_.shape == (150, 16)  # grows by ratio of the new patches
         assert bank.distances(far).max() < before.min()  # the far-away newcomers were picked
+
+
+def test_float16_and_pq_indexes():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(20_000, 32)).astype(np.float32)
+    q = rng.normal(size=(100, 32)).astype(np.float32)
+    exact = NearestNeighbourIndex(bank)
+    f16 = NearestNeighbourIndex(bank, "flat", float16=True)
+    assert f16.kind == "flat-fp16"
+    np.testing.assert_allclose(f16.search(q), exact.search(q), rtol=2e-3)
+    assert f16.memory_bytes() < 0.6 * exact.memory_bytes()
+    pq = NearestNeighbourIndex(bank, "ivfpq", nlist=64, nprobe=16)
+    assert pq.memory_bytes() < 0.2 * exact.memory_bytes()
+    assert np.corrcoef(pq.search(q), exact.search(q))[0, 1] > 0.8

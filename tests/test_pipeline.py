@@ -149,3 +149,18 @@ def test_threshold_from_validation_defects_uses_f1_max(synth_root):
     best, thr = f1_max([s.label for s in val], scores)
     assert model.threshold_ == pytest.approx(thr)
     assert model.normalise(thr) == pytest.approx(0.5)
+
+
+def test_float16_bank_model_file(tmp_path, synth_root):
+    from safetensors.numpy import load_file
+
+    ds = load_dataset(synth_root)
+    maps = {}
+    for f16 in (False, True):
+        m = HyADS(image_size=128, seed=0, bank_float16=f16)
+        m.progress = False
+        m.fit(ds.train[:10])
+        path = m.save(tmp_path / f"m{int(f16)}")
+        assert load_file(str(path / "tensors.safetensors"))["bank"].dtype == (np.float16 if f16 else np.float32)
+        maps[f16] = load_model(path).anomaly_map([ds.test[-1].path])
+    np.testing.assert_allclose(maps[True], maps[False], rtol=5e-3, atol=5e-3)

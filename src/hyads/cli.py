@@ -113,9 +113,10 @@ def fit(
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 | resnet18."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weight file (required for resnet18)."),
     image_size: int = typer.Option(256, help="Model resolution (multiple of 32)."),
-    index: str = typer.Option("auto", help="Nearest-neighbour index: auto (IVF above 10k bank rows) | flat (exact) | ivf."),
+    index: str = typer.Option("auto", help="Nearest-neighbour index: auto (IVF above 10k bank rows) | flat (exact) | ivf | ivfpq."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
     test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
+    float16: bool = typer.Option(False, "--float16", help="Store the memory bank as float16 (half the memory)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -133,7 +134,7 @@ def fit(
             raise HyADSError(f"{val_data}: has no labelled test images to calibrate on")
         val_images, val_labels = [s.path for s in val.test], [s.label for s in val.test]
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
-                  image_size=image_size, index=index, seed=seed)
+                  image_size=image_size, index=index, seed=seed, bank_float16=float16)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
@@ -351,6 +352,30 @@ def bench(
     console.print(table)
     if out:
         write_text_atomic(out, json.dumps(_json_safe(res), indent=2))
+
+
+@app.command()
+@_friendly
+def serve(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model directory."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    runtime: str = typer.Option("torch", help=RUNTIME_HELP),
+    onnx_dir: Optional[Path] = typer.Option(None, help="Folder of the ONNX export (default MODEL/onnx)."),
+    admin_token: Optional[str] = typer.Option(None, envvar="HYADS_ADMIN_TOKEN",
+                                              help="Token for POST /v1/normal (or env HYADS_ADMIN_TOKEN)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted request body in MiB."),
+    workers: int = typer.Option(2, help="Predictions running at once."),
+    queue: int = typer.Option(16, help="Requests allowed to wait; beyond that: 503 + Retry-After."),
+) -> None:
+    """Serve the REST API and the web page."""
+    import uvicorn
+
+    from .serve import ServiceSettings, create_app
+
+    settings = ServiceSettings(model_path=model_path, runtime=runtime, onnx_dir=onnx_dir, admin_token=admin_token,
+                               max_upload_bytes=int(max_upload_mb * 1024 * 1024), workers=workers, queue=queue)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 @app.command("benchmark-suite")

@@ -11,7 +11,7 @@ from .errors import HyADSError
 
 BACKBONES = ("efficientnet_lite0", "resnet18")
 SAMPLERS = ("reservoir", "coreset")
-INDEXES = ("auto", "flat", "ivf")
+INDEXES = ("auto", "flat", "ivf", "ivfpq")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class HyADSConfig:
     ivf_min_bank: int = 10_000
     ivf_nlist: int = 0  # 0 = 2 * sqrt(bank rows)
     ivf_nprobe: int = 8
+    # Store the bank as float16 (in the model file and inside faiss): half the memory.
+    bank_float16: bool = False
     # Anomaly map post-processing.
     smoothing_sigma: float = 4.0
     # Threshold calibration on held-out normal images (when no defects are available).

@@ -83,7 +83,7 @@ def save_model(model: "HyADS", path: str | Path) -> Path:
         },
     }
     tensors = {
-        "bank": np.ascontiguousarray(bank_tensors["bank"], dtype=np.float32),
+        "bank": np.ascontiguousarray(bank_tensors["bank"]),
         "normal_scores": np.ascontiguousarray(model.normal_scores_, dtype=np.float64),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

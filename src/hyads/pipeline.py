@@ -263,7 +263,7 @@ class HyADS:
 
 def _new_bank(c: HyADSConfig) -> MemoryBank:
     return MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe, c.seed,
-                      c.ivf_min_bank)
+                      c.ivf_min_bank, c.bank_float16)
 
 
 def _restore(config: HyADSConfig, bank_tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:

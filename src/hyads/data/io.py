@@ -20,13 +20,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 100_000_000
 
 
-def _open(source: str | Path | bytes, name: str) -> Image.Image:
+def _open(source: str | Path | bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(name, f"{img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS}")
+            if img.width * img.height > max_pixels:
+                raise ImageError(name, f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
             img.load()  # force full decode so truncation is detected here
     except ImageError:
         raise
@@ -53,9 +53,9 @@ def to_rgb_float(img: Image.Image, name: str) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if mode == "F":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            if not np.isfinite([lo, hi]).all():
+            if not np.isfinite(arr).all():
                 raise ImageError(name, "float image contains NaN or infinite values")
+            lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         else:
             # 16-bit data (PIL reports 16-bit PNGs as I or I;16): scale by the 16-bit range.
@@ -75,10 +75,14 @@ def to_rgb_float(img: Image.Image, name: str) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def load_image(source: str | Path | bytes, size: int | None = None, name: str | None = None) -> np.ndarray:
-    """Read an image as float32 RGB (H, W, 3) in [0, 1], optionally resized to size x size."""
+def load_image(
+    source: str | Path | bytes, size: int | None = None, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Read an image as float32 RGB (H, W, 3) in [0, 1], optionally resized to size x size.
+
+    `max_pixels` is checked from the header, before any pixel is decoded (decompression bombs)."""
     name = name or (str(source) if not isinstance(source, bytes) else "<upload>")
-    img = _open(source, name)
+    img = _open(source, name, max_pixels)
     rgb = to_rgb_float(img, name)
     if size is not None:
         rgb = resize_rgb(rgb, size)
