@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hyads-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install system-deps demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hyads demo $(ARGS)
 
-test: $(STAMP)
+# Headless Chromium for the web-page test (Debian packages; installed when running as root, else skipped).
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "note: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: chromium/chromedriver not installed; the browser test will be skipped"; fi; \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q $(ARGS)
 
 # Long measurements (not part of `make test`); figures go to docs/RESULTS.md.

@@ -36,7 +36,7 @@ class HyADSConfig:
     index: str = "auto"
     ivf_min_bank: int = 10_000
     ivf_nlist: int = 0  # 0 = 2 * sqrt(bank rows)
-    ivf_nprobe: int = 8
+    ivf_nprobe: int = 4
     # Store the bank as float16 (in the model file and inside faiss): half the memory.
     bank_float16: bool = False
     # Anomaly map post-processing.

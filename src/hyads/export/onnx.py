@@ -148,6 +148,8 @@ class OnnxFeatures:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between runs: the faiss search that follows needs those cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_dir / name), so, providers=["CPUExecutionProvider"])
         self.path = onnx_dir / name
 

@@ -27,7 +27,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from scipy import ndimage
-from starlette.concurrency import run_in_threadpool
+from concurrent.futures import ThreadPoolExecutor
 
 from .. import __version__
 from ..data.io import load_image
@@ -153,7 +153,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     latency = Histogram("hyads_predict_seconds", "Prediction latency per request", registry=registry,
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
     verdicts = Counter("hyads_verdicts_total", "Verdicts given", ["verdict"], registry=registry)
-    workers = threading.BoundedSemaphore(settings.workers)
+    # A fixed pool: decoding, inference and rendering run only on these threads (bounded memory, and the
+    # event loop never blocks on pixels).
+    pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hyads-worker")
     capacity = {"free": settings.workers + settings.queue}
     cap_lock = threading.Lock()
 
@@ -189,11 +191,28 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             raise ImageError(name, "empty upload")
         return load_image(data, size, name=name, max_pixels=settings.max_pixels)
 
-    def _predict_arrays(model: HyADS, rgbs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        with workers:
-            t = time.perf_counter()
-            maps = model.anomaly_map(rgbs)
-            return maps, time.perf_counter() - t
+    def _work(model: HyADS, items: list[tuple[str, bytes]], want: str | None, as_png: bool,
+              batch: bool) -> Response:
+        """Decode, predict and render on a worker thread."""
+        size = model.config.image_size
+        try:
+            rgbs = [_decode(data, name, size) for name, data in items]
+        except ImageError as exc:
+            return _error(415 if "recognised" in exc.problem or "mode" in exc.problem else 400, str(exc))
+        t = time.perf_counter()
+        maps = model.anomaly_map(rgbs)
+        seconds = time.perf_counter() - t
+        latency.observe(seconds)
+        if as_png and want:
+            return Response(_render(model, rgbs[0], maps[0], want), media_type="image/png")
+        results = [_result(model, r, m, seconds / len(rgbs), want, name)
+                   for (name, _), r, m in zip(items, rgbs, maps)]
+        return JSONResponse({"results": results} if batch else results[0])
+
+    async def _in_pool(fn: Any, *args: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def _result(model: HyADS, rgb: np.ndarray, amap: np.ndarray, seconds: float, want: str | None,
                 name: str) -> dict[str, Any]:
@@ -244,18 +263,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             if len(items) > settings.max_batch:
                 return _error(413, f"at most {settings.max_batch} images per request")
             model = holder.model  # one consistent model for the whole request
-            size = model.config.image_size
-            try:
-                rgbs = [_decode(data, name, size) for name, data in items]
-            except ImageError as exc:
-                return _error(415 if "recognised" in exc.problem or "mode" in exc.problem else 400, str(exc))
-            maps, seconds = await run_in_threadpool(_predict_arrays, model, rgbs)
-            latency.observe(seconds)
-            if as_png and want:
-                return Response(_render(model, rgbs[0], maps[0], want), media_type="image/png")
-            results = [_result(model, r, m, seconds / len(rgbs), want, name)
-                       for (name, _), r, m in zip(items, rgbs, maps)]
-            return JSONResponse({"results": results} if batch else results[0])
+            return await _in_pool(_work, model, items, want, as_png, batch)
         finally:
             _release()
 
@@ -301,11 +309,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if not hmac.compare_digest(given.encode(), token.encode()):
             return _error(401, "missing or wrong admin token")
         size = holder.model.config.image_size
+        items = [(f.filename or "upload", await f.read()) for f in files]
         try:
-            rgbs = [_decode(await f.read(), f.filename or "upload", size) for f in files]
+            rgbs = await _in_pool(lambda: [_decode(data, name, size) for name, data in items])
         except ImageError as exc:
             return _error(400, str(exc))
-        model = await run_in_threadpool(holder.add_normal, rgbs)
+        # The update runs beside the prediction pool so a long update never blocks inspections.
+        import asyncio
+
+        model = await asyncio.get_running_loop().run_in_executor(None, holder.add_normal, rgbs)
         return JSONResponse({"added": len(rgbs), "bank_size": int(len(model.bank_.bank_)),
                              "threshold": model.threshold_})
 
