@@ -117,6 +117,8 @@ def fit(
     seed: int = typer.Option(0, help="Seed for every random choice."),
     test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
     float16: bool = typer.Option(False, "--float16", help="Store the memory bank as float16 (half the memory)."),
+    detectors: str = typer.Option("patchcore", help="Comma-separated subset of texture,ae,patchcore (fused)."),
+    ae_epochs: int = typer.Option(30, help="Autoencoder epochs (when 'ae' is among the detectors)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -134,12 +136,16 @@ def fit(
             raise HyADSError(f"{val_data}: has no labelled test images to calibrate on")
         val_images, val_labels = [s.path for s in val.test], [s.label for s in val.test]
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
-                  image_size=image_size, index=index, seed=seed, bank_float16=float16)
+                  image_size=image_size, index=index, seed=seed, bank_float16=float16,
+                  detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
     model.fit_info_["dataset_notes"] = ds.notes
     model.save(out)
+    if len(model.detectors) > 1:
+        console.print(f"fusion weights {model.weights_} ({model.fusion_info_.get('objective', '')} on "
+                      f"{model.fusion_info_.get('source', '')})")
     console.print(
         f"fitted in {time.perf_counter() - t0:.1f} s: bank {model.fit_info_['bank_size']} patches "
         f"({sampler}), threshold {model.threshold_:.4f} ({model.calibration_.method}); saved to {out}"
@@ -376,6 +382,22 @@ def serve(
     settings = ServiceSettings(model_path=model_path, runtime=runtime, onnx_dir=onnx_dir, admin_token=admin_token,
                                max_upload_bytes=int(max_upload_mb * 1024 * 1024), workers=workers, queue=queue)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+@_friendly
+def ablation(
+    data: Path = typer.Argument(..., help="Dataset folder with a test split."),
+    out: Path = typer.Option(Path("runs") / "ablation", "--out", "-o", help="Folder for ablation.md / .json."),
+    image_size: int = typer.Option(256, help="Model resolution."),
+    ae_epochs: int = typer.Option(30, help="Autoencoder epochs (early stopping may end sooner)."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """The six-way ablation: texture / AE / PatchCore alone, texture+AE, AE+PatchCore, all three."""
+    from .ablation import run_ablation
+
+    run_ablation(data, out, seed=seed, log=console.print, image_size=image_size, ae_epochs=ae_epochs)
+    console.print((out / "ablation.md").read_text(), markup=False)
 
 
 @app.command("benchmark-suite")

@@ -11,6 +11,7 @@ from .errors import HyADSError
 
 BACKBONES = ("efficientnet_lite0", "resnet18")
 SAMPLERS = ("reservoir", "coreset")
+DETECTORS = ("texture", "ae", "patchcore")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
 
 
@@ -39,6 +40,17 @@ class HyADSConfig:
     ivf_nprobe: int = 4
     # Store the bank as float16 (in the model file and inside faiss): half the memory.
     bank_float16: bool = False
+    # Which detectors make maps (fused by grid-searched weights when more than one).
+    detectors: list[str] = field(default_factory=lambda: ["patchcore"])
+    # U-Net autoencoder.
+    ae_epochs: int = 30
+    ae_lr: float = 1e-3
+    ae_crop: int = 128
+    ae_noise: float = 0.1
+    ae_skips: list[int] = field(default_factory=lambda: [2])
+    ae_patience: int = 5
+    # Fusion grid step on the weight simplex.
+    fusion_step: float = 0.1
     # Anomaly map post-processing.
     smoothing_sigma: float = 4.0
     # Threshold calibration on held-out normal images (when no defects are available).
@@ -57,6 +69,12 @@ class HyADSConfig:
 
         if self.backbone not in BACKBONES:
             raise bad("backbone", f"{self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if not self.detectors or any(d not in DETECTORS for d in self.detectors):
+            raise bad("detectors", f"{self.detectors!r}: choose a non-empty subset of {', '.join(DETECTORS)}")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise bad("detectors", "listed twice")
+        if any(k not in (1, 2) for k in self.ae_skips):
+            raise bad("ae_skips", "only skip levels 1 (finest) and 2 exist")
         if self.sampler not in SAMPLERS:
             raise bad("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.index not in INDEXES:

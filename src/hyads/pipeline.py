@@ -21,7 +21,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import HyADSConfig
 from .data.io import load_image, resize_rgb
-from .detectors.patchcore import MemoryBank
+from .detectors.autoencoder import AETrainer, UNetAE, error_map
+from .detectors.patchcore import MemoryBank, NearestNeighbourIndex, Reservoir
+from .features import texture as tex
+from .fusion import fuse, map_stats, search_weights
 from .errors import HyADSError, NotFittedError
 from .features.backbones import build_backbone
 from .features.patches import PatchEmbedder
@@ -74,8 +77,12 @@ class HyADS:
         ).eval()
 
     def _require_fitted(self) -> None:
-        if getattr(self, "bank_", None) is None or self.bank_.bank_ is None:
+        if getattr(self, "weights_", None) is None:
             raise NotFittedError("this HyADS model is not fitted yet: call fit() or load a model file")
+
+    @property
+    def detectors(self) -> list[str]:
+        return list(self.config.detectors)
 
     def _batches(self, images: Sequence[ImageLike], desc: str) -> Iterator[np.ndarray]:
         bs = self.config.batch_size
@@ -109,6 +116,9 @@ class HyADS:
         x = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
         feats = self.embedder_(self.backbone_.features(x))
         return feats.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def _fused(self, rgb: np.ndarray) -> np.ndarray:
+        return fuse(self._detector_maps(rgb), self.weights_, self.map_stats_)
 
     def _maps_from_patches(self, patches: np.ndarray) -> np.ndarray:
         b, h, w, d = patches.shape
@@ -150,16 +160,56 @@ class HyADS:
             train = [images[i] for i in sorted(order[n_val:])]
         else:
             train = images
-        self._build_features()
-        g = c.image_size // self.backbone_.tap_strides[0]
-        self.bank_ = _new_bank(c)
-        self.bank_.start(len(train) * g * g, self.embedder_.out_dim)
-        for rgb in self._batches(train, "features"):
-            p = self._patches(rgb)
-            self.bank_.partial_fit(p.reshape(-1, p.shape[-1]))
-        t_feat = time.perf_counter()
-        self.bank_.finish()
-        t_bank = time.perf_counter()
+        dets = self.detectors
+        self.bank_ = None
+        self.weights_ = None
+        self.calibration_ = None
+        t_feat = t_bank = time.perf_counter()
+        if "patchcore" in dets:
+            self._build_features()
+            g = c.image_size // self.backbone_.tap_strides[0]
+            self.bank_ = _new_bank(c)
+            self.bank_.start(len(train) * g * g, self.embedder_.out_dim)
+            for rgb in self._batches(train, "features"):
+                p = self._patches(rgb)
+                self.bank_.partial_fit(p.reshape(-1, p.shape[-1]))
+            t_feat = time.perf_counter()
+            self.bank_.finish()
+            t_bank = time.perf_counter()
+        if "texture" in dets:
+            self._fit_texture(train)
+        if "ae" in dets:
+            self._fit_ae(train, val_images or [])
+        t_extra = time.perf_counter()
+
+        # Normalisation statistics and fusion weights (only needed with more than one detector).
+        self.weights_ = {dets[0]: 1.0} if len(dets) == 1 else {d: 1.0 / len(dets) for d in dets}
+        self.map_stats_ = {d: (0.0, 1.0) for d in dets}
+        self.fusion_info_: dict[str, Any] = {}
+        if len(dets) > 1 and val_images:
+            labels = np.asarray(val_labels if val_labels is not None else [0] * len(val_images))
+            val_rgb = np.stack([_to_rgb(im, c.image_size) for im in val_images])
+            normal_maps = self._detector_maps_all(val_rgb[labels == 0])
+            self.map_stats_ = {d: map_stats(m) for d, m in normal_maps.items()}
+            if (labels == 1).any():
+                search_maps = self._detector_maps_all(val_rgb)
+                w, f1, how = search_weights(search_maps, self.map_stats_, labels, None, c.fusion_step)
+                source = "validation images"
+            else:
+                from .data.synth import synthetic_defects
+
+                bad, masks = synthetic_defects(val_rgb, seed=c.seed)
+                bad_maps = self._detector_maps_all(bad)
+                search_maps = {d: np.concatenate([normal_maps[d], bad_maps[d]]) for d in dets}
+                all_masks = np.concatenate([np.zeros_like(masks), masks])
+                all_labels = np.r_[np.zeros(len(bad)), np.ones(len(bad))]
+                w, f1, how = search_weights(search_maps, self.map_stats_, all_labels, all_masks, c.fusion_step)
+                source = f"{len(bad)} synthetic defects on held-out normal images"
+            self.weights_ = w
+            self.fusion_info_ = {"objective": how, "best_f1": f1, "source": source}
+            # Kept in memory (not saved) so an ablation can re-run the search for subsets of detectors.
+            self._fusion_search = (search_maps, labels if (labels == 1).any() else all_labels,
+                                   None if (labels == 1).any() else all_masks, normal_maps)
 
         if val_images:
             scores = self.score_samples(val_images)
@@ -180,13 +230,80 @@ class HyADS:
             "fitted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n_train_images": len(train),
             "n_validation_images": len(val_images or []),
-            "bank_size": int(len(self.bank_.bank_)),
-            "patches_seen": int(self.bank_.n_seen_),
+            "detectors": dets,
+            "fusion_weights": self.weights_,
+            **({"fusion": self.fusion_info_} if self.fusion_info_ else {}),
+            "bank_size": int(len(self.bank_.bank_)) if self.bank_ is not None else 0,
+            "patches_seen": int(self.bank_.n_seen_) if self.bank_ is not None else 0,
             "seconds_features": round(t_feat - t0, 3),
             "seconds_sampling": round(t_bank - t_feat, 3),
-            "seconds_calibration": round(t_end - t_bank, 3),
+            "seconds_texture_and_ae": round(t_extra - t_bank, 3),
+            "seconds_calibration": round(t_end - t_extra, 3),
+            **({"ae_history": self.ae_history_} if "ae" in dets else {}),
         }
         return self
+
+    # -- texture and autoencoder detectors ------------------------------------------------------------
+    def _fit_texture(self, train: Sequence[ImageLike]) -> None:
+        c = self.config
+        desc = np.concatenate([tex.batch_descriptors(rgb).reshape(-1, tex.DIM)
+                               for rgb in self._batches(train, "texture")])
+        self.texture_mean_ = desc.mean(0).astype(np.float32)
+        self.texture_std_ = (desc.std(0) + 1e-6).astype(np.float32)
+        res = Reservoir(max(1, int(round(c.ratio * len(desc)))), tex.DIM, c.seed + 1)
+        res.update((desc - self.texture_mean_) / self.texture_std_)
+        self.texture_reservoir_ = res
+        self._texture_index = None
+
+    def _texture_maps(self, rgb: np.ndarray) -> np.ndarray:
+        if getattr(self, "_texture_index", None) is None:
+            self._texture_index = NearestNeighbourIndex(self.texture_reservoir_.filled, "flat")
+        d = tex.batch_descriptors(rgb)
+        b, g = d.shape[0], d.shape[1]
+        z = ((d - self.texture_mean_) / self.texture_std_).reshape(-1, tex.DIM)
+        return self._upsample_smooth(self._texture_index.search(z).reshape(b, 1, g, g))
+
+    def _fit_ae(self, train: Sequence[ImageLike], val: Sequence[ImageLike]) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.ae_ = UNetAE(skips=c.ae_skips)
+        x = np.stack([_to_rgb(im, c.image_size) for im in train])
+        xv = np.stack([_to_rgb(im, c.image_size) for im in val]) if len(val) else None
+        trainer = AETrainer(epochs=c.ae_epochs, lr=c.ae_lr, batch_size=c.batch_size, crop=c.ae_crop,
+                            input_noise=c.ae_noise, patience=c.ae_patience, seed=c.seed, progress=self.progress)
+        trainer.fit(self.ae_, x, xv)
+        self.ae_history_ = trainer.history_
+
+    def _ae_maps(self, rgb: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
+        err = error_map(self.ae_, x).numpy()
+        sigma = self.config.smoothing_sigma
+        if sigma > 0:
+            err = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in err])
+        return err.astype(np.float32)
+
+    def _detector_maps(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw maps of every fitted detector for one batch of decoded images."""
+        out: dict[str, np.ndarray] = {}
+        for d in self.detectors:
+            if d == "patchcore":
+                out[d] = self._maps_from_patches(self._patches(rgb))
+            elif d == "texture":
+                out[d] = self._texture_maps(rgb)
+            else:
+                out[d] = self._ae_maps(rgb)
+        return out
+
+    def _detector_maps_all(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        bs = self.config.batch_size
+        parts = [self._detector_maps(rgb[i : i + bs]) for i in range(0, len(rgb), bs)]
+        return {d: np.concatenate([p[d] for p in parts]) for d in self.detectors}
+
+    def detector_maps(self, images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        """Raw per-detector maps (before fusion), e.g. for ablations and plots."""
+        self._require_fitted()
+        parts = [self._detector_maps(rgb) for rgb in self._batches(list(images), "predict")]
+        return {d: np.concatenate([p[d] for p in parts]) for d in self.detectors}
 
     def add_normal(self, images: Sequence[ImageLike]) -> "HyADS":
         """Add confirmed-normal images to the bank without refitting, then re-calibrate the threshold.
@@ -198,16 +315,22 @@ class HyADS:
         images = list(images)
         new_scores = []
         for rgb in self._batches(images, "update"):
-            p = self._patches(rgb)
-            new_scores.append(self._maps_from_patches(p).reshape(len(p), -1).max(1))
-            self.bank_.add(p.reshape(-1, p.shape[-1]))
+            new_scores.append(self._fused(rgb).reshape(len(rgb), -1).max(1))
+            if self.bank_ is not None:
+                p = self._patches(rgb)
+                self.bank_.add(p.reshape(-1, p.shape[-1]))
+            if "texture" in self.detectors:
+                d = tex.batch_descriptors(rgb).reshape(-1, tex.DIM)
+                self.texture_reservoir_.update((d - self.texture_mean_) / self.texture_std_)
+                self._texture_index = None
         if new_scores:
             self.normal_scores_ = np.concatenate([self.normal_scores_, *new_scores])
             method = self.calibration_.method
             if not method.startswith("validation F1"):
                 self.calibration_ = calibrate(self.normal_scores_, self.config.normal_quantile)
-        self.fit_info_["bank_size"] = int(len(self.bank_.bank_))
-        self.fit_info_["patches_seen"] = int(self.bank_.n_seen_)
+        if self.bank_ is not None:
+            self.fit_info_["bank_size"] = int(len(self.bank_.bank_))
+            self.fit_info_["patches_seen"] = int(self.bank_.n_seen_)
         self.fit_info_["n_added_images"] = self.fit_info_.get("n_added_images", 0) + len(images)
         return self
 
@@ -215,7 +338,7 @@ class HyADS:
     def anomaly_map(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Per-pixel anomaly maps (N, S, S) at the model resolution, in raw distance units."""
         self._require_fitted()
-        maps = [self._maps_from_patches(self._patches(rgb)) for rgb in self._batches(list(images), "predict")]
+        maps = [self._fused(rgb) for rgb in self._batches(list(images), "predict")]
         size = self.config.image_size
         return np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
 
@@ -226,6 +349,8 @@ class HyADS:
     @property
     def threshold_(self) -> float:
         self._require_fitted()
+        if getattr(self, "calibration_", None) is None:
+            raise NotFittedError("this HyADS model has no calibrated threshold yet")
         return self.calibration_.threshold
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray:
@@ -266,18 +391,59 @@ def _new_bank(c: HyADSConfig) -> MemoryBank:
                       c.ivf_min_bank, c.bank_float16)
 
 
-def _restore(config: HyADSConfig, bank_tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
+def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
     """Rebuild a fitted model from persisted state (used by persist.load_model)."""
     model = HyADS(config)
-    model._build_features()
-    model.bank_ = _new_bank(config)
-    model.bank_.set_state({"bank": bank_tensors["bank"]}, state["bank"])
-    if model.bank_.bank_.shape[1] != model.embedder_.out_dim:
-        raise HyADSError(
-            f"bank has {model.bank_.bank_.shape[1]} features per patch but the config gives {model.embedder_.out_dim}"
-        )
+    dets = model.detectors
+    model.bank_ = None
+    if "patchcore" in dets:
+        model._build_features()
+        model.bank_ = _new_bank(config)
+        model.bank_.set_state({"bank": tensors["bank"]}, state["bank"])
+        if model.bank_.bank_.shape[1] != model.embedder_.out_dim:
+            raise HyADSError(f"bank has {model.bank_.bank_.shape[1]} features per patch but the config gives "
+                             f"{model.embedder_.out_dim}")
+    if "texture" in dets:
+        model.texture_mean_ = np.asarray(tensors["texture_mean"], np.float32)
+        model.texture_std_ = np.asarray(tensors["texture_std"], np.float32)
+        model.texture_reservoir_ = Reservoir.from_state(state["texture_reservoir"],
+                                                        np.asarray(tensors["texture_bank"], np.float32))
+        model._texture_index = None
+    if "ae" in dets:
+        model.ae_ = UNetAE(skips=config.ae_skips)
+        sd = {k[3:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("ae.")}
+        model.ae_.load_state_dict(sd, strict=True)
+        model.ae_.eval()
+    model.weights_ = {k: float(v) for k, v in state.get("weights", {dets[0]: 1.0}).items()}
+    model.map_stats_ = {k: (float(v[0]), float(v[1])) for k, v in state.get("map_stats", {dets[0]: (0, 1)}).items()}
+    model.fusion_info_ = dict(state.get("fusion", {}))
     cal = state["calibration"]
     model.calibration_ = Calibration(float(cal["threshold"]), float(cal["scale"]), str(cal["method"]))
-    model.normal_scores_ = np.asarray(bank_tensors["normal_scores"], dtype=np.float64)
+    model.normal_scores_ = np.asarray(tensors["normal_scores"], dtype=np.float64)
     model.fit_info_ = dict(state["fit_info"])
     return model
+
+
+def export_state(model: HyADS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Learned state as named arrays (for safetensors) and JSON-able metadata (used by persist.save_model)."""
+    tensors: dict[str, np.ndarray] = {"normal_scores": np.asarray(model.normal_scores_, np.float64)}
+    state: dict[str, Any] = {
+        "calibration": {"threshold": model.calibration_.threshold, "scale": model.calibration_.scale,
+                        "method": model.calibration_.method},
+        "fit_info": model.fit_info_,
+        "weights": model.weights_,
+        "map_stats": {k: list(v) for k, v in model.map_stats_.items()},
+        "fusion": getattr(model, "fusion_info_", {}),
+    }
+    if model.bank_ is not None:
+        bank_tensors, state["bank"] = model.bank_.get_state()
+        tensors["bank"] = bank_tensors["bank"]
+    if "texture" in model.detectors:
+        tensors["texture_bank"] = model.texture_reservoir_.filled.copy()
+        tensors["texture_mean"] = model.texture_mean_
+        tensors["texture_std"] = model.texture_std_
+        state["texture_reservoir"] = model.texture_reservoir_.get_state()
+    if "ae" in model.detectors:
+        for k, v in model.ae_.state_dict().items():
+            tensors["ae." + k] = v.detach().cpu().numpy().copy()
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, state

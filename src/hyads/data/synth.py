@@ -14,6 +14,7 @@ from scipy import ndimage
 
 SURFACES = ("weave", "brushed", "grain")
 DEFECTS = ("scratch", "spot", "crack")
+VALIDATION_DEFECTS = ("scratch", "spot", "crack", "cutpaste", "noise")
 
 
 def make_surface(rng: np.random.Generator, size: int = 256, kind: str = "weave") -> np.ndarray:
@@ -93,9 +94,33 @@ def add_defect(
                 mask |= _stroke(size, np.array(branch), 2)
         mask |= _stroke(size, np.array(pts), 2)
         out[mask] = out[mask] * 0.2
+    elif kind in ("cutpaste", "noise"):
+        # A patch from elsewhere in the same image (CutPaste), or a blob of noise, inside an irregular blob.
+        cy, cx = rng.uniform(margin, size - margin, 2)
+        ry, rx = rng.uniform(size / 24, size / 10, 2)
+        yy, xx = np.mgrid[0:size, 0:size]
+        wobble = 1 + 0.25 * np.sin(np.arctan2(yy - cy, xx - cx) * rng.integers(2, 5) + rng.uniform(0, 6.3))
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= wobble**2
+        if kind == "cutpaste":
+            dy, dx = rng.integers(-size // 3, size // 3, 2)
+            src = np.roll(img, (int(dy), int(dx)), axis=(0, 1))
+            out[mask] = np.clip(src[mask] * rng.uniform(0.8, 1.2), 0, 1)
+        else:
+            out[mask] = np.clip(out[mask] + rng.normal(0, 0.25, (int(mask.sum()), 3)), 0, 1)
     else:
-        raise ValueError(f"unknown defect {kind!r}; choose from {DEFECTS}")
+        raise ValueError(f"unknown defect {kind!r}; choose from {VALIDATION_DEFECTS}")
     return out.astype(np.float32), mask
+
+
+def synthetic_defects(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One defective copy of each (N, S, S, 3) normal image, cycling through all defect kinds; and masks."""
+    rng = np.random.default_rng(seed)
+    outs, masks = [], []
+    for i, img in enumerate(images):
+        out, mask = add_defect(img, rng, VALIDATION_DEFECTS[i % len(VALIDATION_DEFECTS)])
+        outs.append(out)
+        masks.append(mask)
+    return np.stack(outs), np.stack(masks)
 
 
 def _save(arr: np.ndarray, path: Path) -> None:
