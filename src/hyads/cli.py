@@ -391,12 +391,15 @@ def ablation(
     out: Path = typer.Option(Path("runs") / "ablation", "--out", "-o", help="Folder for ablation.md / .json."),
     image_size: int = typer.Option(256, help="Model resolution."),
     ae_epochs: int = typer.Option(30, help="Autoencoder epochs (early stopping may end sooner)."),
+    ae_skips: str = typer.Option("2", help="U-Net skips kept: '2' (default, coarse only) or '1,2' (all)."),
+    ae_noise: float = typer.Option(0.1, help="Std of Gaussian noise added to AE inputs in training (0 = off)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """The six-way ablation: texture / AE / PatchCore alone, texture+AE, AE+PatchCore, all three."""
     from .ablation import run_ablation
 
-    run_ablation(data, out, seed=seed, log=console.print, image_size=image_size, ae_epochs=ae_epochs)
+    run_ablation(data, out, seed=seed, log=console.print, image_size=image_size, ae_epochs=ae_epochs,
+                 ae_skips=[int(k) for k in ae_skips.split(",")], ae_noise=ae_noise)
     console.print((out / "ablation.md").read_text(), markup=False)
 
 

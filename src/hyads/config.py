@@ -49,6 +49,8 @@ class HyADSConfig:
     ae_noise: float = 0.1
     ae_skips: list[int] = field(default_factory=lambda: [2])
     ae_patience: int = 5
+    # Each epoch trains on a random subset of at most this many images (bounds CPU time on big sets).
+    ae_max_images: int = 200
     # Fusion grid step on the weight simplex.
     fusion_step: float = 0.1
     # Anomaly map post-processing.

@@ -270,7 +270,8 @@ class HyADS:
         x = np.stack([_to_rgb(im, c.image_size) for im in train])
         xv = np.stack([_to_rgb(im, c.image_size) for im in val]) if len(val) else None
         trainer = AETrainer(epochs=c.ae_epochs, lr=c.ae_lr, batch_size=c.batch_size, crop=c.ae_crop,
-                            input_noise=c.ae_noise, patience=c.ae_patience, seed=c.seed, progress=self.progress)
+                            input_noise=c.ae_noise, patience=c.ae_patience, seed=c.seed, progress=self.progress,
+                            max_images=c.ae_max_images)
         trainer.fit(self.ae_, x, xv)
         self.ae_history_ = trainer.history_
 

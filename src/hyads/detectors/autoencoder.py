@@ -64,9 +64,11 @@ class AETrainer:
     early stopping on a held-out normal split; seeded."""
 
     def __init__(self, epochs: int = 30, lr: float = 1e-3, batch_size: int = 8, crop: int = 128,
-                 input_noise: float = 0.1, patience: int = 5, seed: int = 0, progress: bool = True):
+                 input_noise: float = 0.1, patience: int = 5, seed: int = 0, progress: bool = True,
+                 max_images: int = 0):
         self.epochs, self.lr, self.batch_size, self.crop = epochs, lr, batch_size, crop
         self.input_noise, self.patience, self.seed, self.progress = input_noise, patience, seed, progress
+        self.max_images = max_images
         self.history_: list[dict[str, float]] = []
 
     def fit(self, model: UNetAE, train: np.ndarray, val: np.ndarray | None = None) -> UNetAE:
@@ -83,6 +85,8 @@ class AETrainer:
         for epoch in bar:
             model.train()
             order = torch.randperm(len(x), generator=g)
+            if self.max_images and len(order) > self.max_images:
+                order = order[: self.max_images]
             total = 0.0
             for i in range(0, len(x), self.batch_size):
                 idx = order[i : i + self.batch_size]
@@ -98,7 +102,7 @@ class AETrainer:
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
-            train_loss = total / len(x)
+            train_loss = total / len(order)
             model.eval()
             val_loss = train_loss
             if xv is not None:
