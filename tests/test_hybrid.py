@@ -128,3 +128,11 @@ def test_ablation_command_writes_six_rows(synth_root, tmp_path):
     assert rows["PatchCore"]["image_auroc"] >= 0.9
     md = (tmp_path / "ablation.md").read_text()
     assert md.count("\n| ") == 7  # header + 6 rows
+
+
+def test_ae_epoch_cap_trains_on_a_subset_without_empty_batches():
+    rng = np.random.default_rng(0)
+    x = np.stack([make_surface(rng, 32) for _ in range(20)])
+    tr = AETrainer(epochs=2, crop=32, batch_size=4, max_images=8, seed=0, progress=False)
+    tr.fit(UNetAE(), x[:16], x[16:])
+    assert all(np.isfinite(h["train_mse"]) and np.isfinite(h["val_mse"]) for h in tr.history_)

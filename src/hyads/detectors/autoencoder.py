@@ -88,7 +88,7 @@ class AETrainer:
             if self.max_images and len(order) > self.max_images:
                 order = order[: self.max_images]
             total = 0.0
-            for i in range(0, len(x), self.batch_size):
+            for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 oy, ox = (torch.randint(0, s - crop + 1, (2,), generator=g)).tolist()
                 batch = x[idx, :, oy : oy + crop, ox : ox + crop]
