@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import HyADSConfig
 from .data.datasets import load_dataset
+from .errors import DatasetError
 from .evaluation import evaluate_maps, gt_masks
 from .fusion import fuse, search_weights
 from .pipeline import HyADS, _to_rgb
@@ -33,7 +34,7 @@ def run_ablation(data: Path, out: Path, seed: int = 0, log: Callable[[str], None
                  **overrides: Any) -> dict[str, Any]:
     ds = load_dataset(data, seed=seed)
     if not ds.test:
-        raise ValueError(f"{data}: no test split")
+        raise DatasetError(f"{data}: no test images, so there is nothing to compare the combinations on")
     cfg = HyADSConfig(detectors=["texture", "ae", "patchcore"], seed=seed, **overrides)
     model = HyADS(cfg)
     t0 = time.perf_counter()

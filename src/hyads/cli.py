@@ -172,12 +172,13 @@ def predict(
     rows = []
     for i in range(0, len(paths), model.config.batch_size):
         chunk = paths[i : i + model.config.batch_size]
-        maps = model.anomaly_map(chunk)
-        for p, amap in zip(chunk, maps):
+        rgbs = [load_image(p, size) for p in chunk]  # decoded once: for the model and for the overlay
+        maps = model.anomaly_map(rgbs)
+        for p, rgb, amap in zip(chunk, rgbs, maps):
             raw = float(amap.max())
             mask = amap >= model.threshold_
             stem = f"{len(rows):05d}_{p.stem}"
-            save_png(heatmap_overlay(load_image(p, size), model.normalise(amap), mask), out / f"{stem}_overlay.png")
+            save_png(heatmap_overlay(rgb, model.normalise(amap), mask), out / f"{stem}_overlay.png")
             save_png(mask_png(mask), out / f"{stem}_mask.png")
             rows.append({"image": str(p), "score": float(model.normalise(raw)), "raw_score": raw,
                          "label": "defect" if raw >= model.threshold_ else "normal",
