@@ -108,7 +108,7 @@ def greedy_coreset(
     idx = start
     for i in range(n_select):
         selected[i] = idx
-        d = torch.addmv(sq, xp, xp[idx], alpha=-2.0).add_(sq[idx])  # |x|^2 - 2 x.c + |c|^2, one pass
+        d = sq + sq[idx] - 2.0 * (xp @ xp[idx])  # |x|^2 + |c|^2 - 2 x.c (a BLAS matrix-vector product)
         torch.minimum(min_d, d, out=min_d)
         min_d[idx] = -1.0  # never pick twice
         idx = int(torch.argmax(min_d))
