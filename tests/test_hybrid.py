@@ -136,3 +136,27 @@ def test_ae_epoch_cap_trains_on_a_subset_without_empty_batches():
     tr = AETrainer(epochs=2, crop=32, batch_size=4, max_images=8, seed=0, progress=False)
     tr.fit(UNetAE(), x[:16], x[16:])
     assert all(np.isfinite(h["train_mse"]) and np.isfinite(h["val_mse"]) for h in tr.history_)
+
+
+def test_bench_reports_every_stage_of_the_hybrid_model(hybrid):
+    from hyads.bench import run_bench
+
+    model, ds = hybrid
+    res = run_bench(model, [s.path for s in ds.test[:4]], batch=2, reps=1, warmup=0)
+    stages = res["stage_ms_per_image"]
+    assert {"decode", "backbone", "aggregation", "knn", "post", "texture", "ae", "fusion"} <= set(stages)
+    assert all(v > 0 for v in stages.values())
+    assert res["pipeline_images_per_second"] > 0 and res["machine_matmul_gflops"] > 0
+    assert 0 < res["knn_share"] < 1 and res["feature_gflop_per_image"] > 0.05
+
+
+def test_bench_command(synth_model, synth_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from hyads.cli import app
+
+    path = synth_model.save(tmp_path / "m")
+    r = CliRunner().invoke(app, ["bench", str(path), "--images", str(synth_root / "test" / "good"),
+                                 "--n-images", "4", "--reps", "1", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["images"] == 4

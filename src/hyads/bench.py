@@ -54,6 +54,10 @@ def _median_time(fn: Any, reps: int) -> float:
 
 def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Time each stage on `images` (cycled to fill batches); returns a JSON-able dict."""
+    if "patchcore" not in model.detectors:
+        from .errors import HyADSError
+
+        raise HyADSError("bench compares the pipeline with its backbone: the model needs the patchcore detector")
     size = model.config.image_size
     runtime = "torch" if model.runtime is None else Path(model.runtime.path).name
     images = list(images)
@@ -63,38 +67,51 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
     model.progress = False
     model.config.batch_size = batch
 
-    stage: dict[str, list[float]] = {k: [] for k in ("decode", "backbone", "aggregation", "features", "knn", "post")}
+    stage: dict[str, list[float]] = {k: [] for k in ("decode", "backbone", "aggregation", "features", "knn", "post",
+                                                     "texture", "ae", "fusion")}
     latencies: list[float] = []
+
+    from .fusion import fuse
+
+    dets = model.detectors
 
     def one_pass(record: bool) -> None:
         for b in batches:
-            t0 = time.perf_counter()
+            t = {"start": time.perf_counter()}
             rgb = np.stack([_to_rgb(im, size) for im in b])
-            t1 = time.perf_counter()
-            if model.runtime is None:
-                with torch.inference_mode():
-                    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
-                    taps = model.backbone_.features(x)
-                    t2 = time.perf_counter()
-                    p = model.embedder_(taps).permute(0, 2, 3, 1).contiguous().numpy()
-            else:
-                t2 = time.perf_counter()
-                p = model.runtime(rgb)
-            t3 = time.perf_counter()
-            bsz, h, w, d = p.shape
-            dist = model.bank_.distances(p.reshape(-1, d)).reshape(bsz, 1, h, w)
-            t4 = time.perf_counter()
-            model._upsample_smooth(dist).reshape(bsz, -1).max(1)
-            t5 = time.perf_counter()
-            if record:
-                stage["decode"].append(t1 - t0)
+            t["decode"] = time.perf_counter()
+            maps: dict[str, np.ndarray] = {}
+            if "patchcore" in dets:
                 if model.runtime is None:
-                    stage["backbone"].append(t2 - t1)
-                    stage["aggregation"].append(t3 - t2)
-                stage["features"].append(t3 - t1)
-                stage["knn"].append(t4 - t3)
-                stage["post"].append(t5 - t4)
-                latencies.append(t5 - t0)
+                    with torch.inference_mode():
+                        x = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
+                        taps = model.backbone_.features(x)
+                        t["backbone"] = time.perf_counter()
+                        p = model.embedder_(taps).permute(0, 2, 3, 1).contiguous().numpy()
+                        t["aggregation"] = time.perf_counter()
+                else:
+                    p = model.runtime(rgb)
+                    t["features"] = time.perf_counter()
+                bsz, h, w, d = p.shape
+                dist = model.bank_.distances(p.reshape(-1, d)).reshape(bsz, 1, h, w)
+                t["knn"] = time.perf_counter()
+                maps["patchcore"] = model._upsample_smooth(dist)
+                t["post"] = time.perf_counter()
+            if "texture" in dets:
+                maps["texture"] = model._texture_maps(rgb)
+                t["texture"] = time.perf_counter()
+            if "ae" in dets:
+                maps["ae"] = model._ae_maps(rgb)
+                t["ae"] = time.perf_counter()
+            fuse(maps, model.weights_, model.map_stats_).reshape(len(rgb), -1).max(1)
+            t["fusion"] = time.perf_counter()
+            if record:
+                names = list(t)
+                for prev, cur in zip(names[:-1], names[1:]):
+                    stage[cur].append(t[cur] - t[prev])
+                if "aggregation" in t:
+                    stage["features"].append(t["aggregation"] - t["decode"])
+                latencies.append(t["fusion"] - t["start"])
 
     for _ in range(warmup):
         one_pass(False)
@@ -140,7 +157,8 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
         "latency_ms_p95": float(np.percentile(lat, 95)),
         "stage_ms_per_image": per_image_ms,
         "stage_total_ms_per_image": total_ms,
-        "knn_share": per_image_ms["knn"] / sum(v for k, v in per_image_ms.items() if k not in ("backbone", "aggregation")),
+        "knn_share": per_image_ms.get("knn", 0.0) / sum(v for k, v in per_image_ms.items()
+                                                         if k not in ("backbone", "aggregation")),
         "bank_rows": int(bank_rows),
         "index": model.bank_.index.kind,
         "feature_gflop_per_image": flops_features / 1e9,
