@@ -22,7 +22,7 @@ VARIANTS = {
 
 def main(data: str, epochs: int) -> None:
     ds = load_dataset(data)
-    print(f"| variant | epochs run | final val MSE | image AUROC | pixel AUROC | AUPRO | fit s |")
+    print("| variant | epochs run | final val MSE | image AUROC | pixel AUROC | AUPRO | fit s |")
     print("|---|---|---|---|---|---|---|")
     for name, kw in VARIANTS.items():
         t = time.perf_counter()

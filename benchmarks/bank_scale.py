@@ -35,7 +35,6 @@ def main(model_dir: str, data: str) -> None:
     model.progress = False
     size = model.config.image_size
     ds = load_dataset(data)
-    rng = np.random.default_rng(0)
     train = [_to_rgb(p, size) for p in ds.train]
     patches = []
     t = time.perf_counter()

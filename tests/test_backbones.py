@@ -1,6 +1,5 @@
 """Backbones: strict weight loading, padding, shapes, and proof that the ImageNet weights matter."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """The inspection service: API contract, bad input (4xx, never 500), back-pressure, admin updates, fuzzing."""
 
 import io
-import json
 import threading
 import time
 import zlib

@@ -21,7 +21,8 @@ from .errors import DatasetError
 from .evaluation import evaluate_maps, gt_masks
 from .fusion import fuse, search_weights
 from .pipeline import HyADS, _to_rgb
-from .report.html import clean_json, fmt
+from .report.html import fmt
+from .utils import clean_json
 from .thresholds import calibrate
 
 COMBOS = (("texture",), ("ae",), ("patchcore",), ("texture", "ae"), ("ae", "patchcore"),

@@ -6,21 +6,19 @@ import csv
 import functools
 import io
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
 from .errors import HyADSError
+from .utils import clean_json, write_text_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hyads: visual defect detection from normal images.")
 console = Console(stderr=True)
@@ -39,30 +37,6 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
@@ -218,7 +192,7 @@ def evaluate(
     result.metrics["data"] = str(data)
     out = out or model_path.with_name(model_path.name + "-evaluation.json")
     doc = {"model": str(model_path), "data": str(data), "hyads_version": __version__, "metrics": result.metrics}
-    write_text_atomic(out, json.dumps(_json_safe(doc), indent=2))
+    write_text_atomic(out, json.dumps(clean_json(doc), indent=2))
     console.print(_metrics_table(result.metrics, f"evaluation of {model_path.name} on {data}"))
     if result.per_type:
         console.print(_per_type_table(result.per_type))
@@ -358,7 +332,7 @@ def bench(
             table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(table)
     if out:
-        write_text_atomic(out, json.dumps(_json_safe(res), indent=2))
+        write_text_atomic(out, json.dumps(clean_json(res), indent=2))
 
 
 @app.command()

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from ..data.io import load_image
 from . import plots
+from ..utils import clean_json
 from .overlay import heatmap_overlay, save_png
 
 if TYPE_CHECKING:
@@ -32,18 +32,6 @@ def fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         return "n/a" if not math.isfinite(float(v)) else f"{float(v):.4f}"
     return html.escape(str(v))
-
-
-def clean_json(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _cell(key: str, v: Any) -> str:
