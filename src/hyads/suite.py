@@ -13,8 +13,8 @@ from typing import Any, Callable
 from .data.datasets import load_dataset
 from .evaluation import evaluate
 from .pipeline import HyADS
-from .report.html import fmt
-from .utils import clean_json, write_report
+from .report.html import fmt, write_report
+from .utils import clean_json
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "image_f1_max", "iou", "dice")
 
