@@ -68,7 +68,7 @@ class Reservoir:
 def greedy_coreset(
     x: np.ndarray,
     n_select: int,
-    projection_dim: int = 128,
+    projection_dim: int = 64,
     seed: int = 0,
     existing: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -175,7 +175,7 @@ class MemoryBank:
         self,
         sampler: str = "reservoir",
         ratio: float = 0.1,
-        coreset_projection_dim: int = 128,
+        coreset_projection_dim: int = 64,
         index: str = "auto",
         ivf_nlist: int = 0,
         ivf_nprobe: int = 8,
