@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hyads-installed
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,6 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q $(ARGS)
-
-# Long measurements (not part of `make test`); figures go to docs/RESULTS.md.
-bench: $(STAMP)
-	$(PY) -m pytest -q -m benchmark -s $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
