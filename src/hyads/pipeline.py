@@ -193,7 +193,7 @@ class HyADS:
             self.map_stats_ = {d: map_stats(m) for d, m in normal_maps.items()}
             if (labels == 1).any():
                 search_maps = self._detector_maps_all(val_rgb)
-                w, f1, how = search_weights(search_maps, self.map_stats_, labels, None, c.fusion_step)
+                search_labels, search_masks = labels, None
                 source = "validation images"
             else:
                 from .data.synth import synthetic_defects
@@ -201,15 +201,14 @@ class HyADS:
                 bad, masks = synthetic_defects(val_rgb, seed=c.seed)
                 bad_maps = self._detector_maps_all(bad)
                 search_maps = {d: np.concatenate([normal_maps[d], bad_maps[d]]) for d in dets}
-                all_masks = np.concatenate([np.zeros_like(masks), masks])
-                all_labels = np.r_[np.zeros(len(bad)), np.ones(len(bad))]
-                w, f1, how = search_weights(search_maps, self.map_stats_, all_labels, all_masks, c.fusion_step)
+                search_masks = np.concatenate([np.zeros_like(masks), masks])
+                search_labels = np.r_[np.zeros(len(bad)), np.ones(len(bad))]
                 source = f"{len(bad)} synthetic defects on held-out normal images"
+            w, f1, how = search_weights(search_maps, self.map_stats_, search_labels, search_masks, c.fusion_step)
             self.weights_ = w
             self.fusion_info_ = {"objective": how, "best_f1": f1, "source": source}
             # Kept in memory (not saved) so an ablation can re-run the search for subsets of detectors.
-            self._fusion_search = (search_maps, labels if (labels == 1).any() else all_labels,
-                                   None if (labels == 1).any() else all_masks, normal_maps)
+            self._fusion_search = (search_maps, search_labels, search_masks, normal_maps)
 
         if val_images:
             scores = self.score_samples(val_images)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -210,8 +211,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return JSONResponse({"results": results} if batch else results[0])
 
     async def _in_pool(fn: Any, *args: Any) -> Any:
-        import asyncio
-
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def _result(model: HyADS, rgb: np.ndarray, amap: np.ndarray, seconds: float, want: str | None,
@@ -292,7 +291,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def model_info() -> dict[str, Any]:
         m = holder.model
         return {"hyads_version": __version__, "config": m.config.to_dict(), "threshold": m.threshold_,
-                "threshold_method": m.calibration_.method, "bank_size": int(len(m.bank_.bank_)),
+                "threshold_method": m.calibration_.method, "bank_size": int(m.fit_info_.get("bank_size", 0)),
                 "fit_info": m.fit_info_, "runtime": settings.runtime}
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -315,10 +314,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         except ImageError as exc:
             return _error(400, str(exc))
         # The update runs beside the prediction pool so a long update never blocks inspections.
-        import asyncio
-
         model = await asyncio.get_running_loop().run_in_executor(None, holder.add_normal, rgbs)
-        return JSONResponse({"added": len(rgbs), "bank_size": int(len(model.bank_.bank_)),
+        return JSONResponse({"added": len(rgbs), "bank_size": int(model.fit_info_.get("bank_size", 0)),
                              "threshold": model.threshold_})
 
     @app.get("/", include_in_schema=False)
