@@ -49,3 +49,11 @@ def synth_model(synth_root: Path):
     model = HyADS(image_size=128, seed=0)
     model.progress = False
     return model.fit(ds.train)
+
+
+NEU = DATA / "neu_seg"
+
+
+@pytest.fixture(scope="session")
+def neu() -> Path:
+    return need(NEU)

@@ -378,6 +378,35 @@ def ablation(
     console.print((out / "ablation.md").read_text(), markup=False)
 
 
+@app.command()
+@_friendly
+def segment(
+    data: Path = typer.Argument(..., help="Pixel-labelled dataset in the VOC layout (JPEGImages/, "
+                                "SegmentationClass/, ImageSets/Segmentation/{train,val,test}.txt), e.g. NEU-Seg."),
+    out: Path = typer.Option(Path("runs") / "segment", "--out", "-o", help="Folder for model/, metrics.json, results.md."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated defect class names (label 1, 2, ...)."),
+    detectors: str = typer.Option("texture,ae,patchcore", help="Detectors whose maps feed the head."),
+    image_size: int = typer.Option(224, help="Model resolution (multiple of 32); predictions are resized to the masks."),
+    epochs: int = typer.Option(20, help="Segmentation-head epochs (best validation mean IoU kept)."),
+    ae_epochs: int = typer.Option(15, help="Autoencoder epochs."),
+    ratio: float = typer.Option(0.02, help="Fraction of normal patches kept in the bank."),
+    features: bool = typer.Option(True, "--features/--no-features", help="Also feed backbone patch features to the head."),
+    max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Train the segmentation head on train.txt, select on val.txt, report IoU per class on test.txt."""
+    from .data.datasets import load_segmentation_dataset
+    from .pipeline import HyADS
+    from .segbench import run_segmentation
+
+    ds = load_segmentation_dataset(data, [c.strip() for c in classes.split(",")] if classes else None)
+    console.print(ds.summary())
+    model = HyADS(image_size=image_size, detectors=[d.strip() for d in detectors.split(",") if d.strip()],
+                  seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features, seed=seed)
+    run_segmentation(ds, out, model, max_train=max_train)
+    console.print((out / "results.md").read_text(), markup=False)
+
+
 @app.command("benchmark-suite")
 @_friendly
 def benchmark_suite(

@@ -58,6 +58,17 @@ class HyADSConfig:
     # Threshold calibration on held-out normal images (when no defects are available).
     validation_fraction: float = 0.1
     normal_quantile: float = 0.99
+    # Segmentation head (only trained by fit_segmentation, i.e. when pixel labels exist). seg_classes names
+    # the defect classes (one name = binary mask); seg_features also feeds the backbone patch features.
+    seg_classes: list[str] = field(default_factory=list)
+    seg_features: bool = True
+    seg_epochs: int = 20
+    seg_lr: float = 1e-3
+    seg_width: int = 64
+    seg_patience: int = 5
+    # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
+    # other half, so the head never trains on maps of images whose own patches are in the bank.
+    seg_crossfit: bool = True
     batch_size: int = 8
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -147,3 +147,22 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
     p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
     denom = int(p.sum() + t.sum())
     return float(2.0 * (p & t).sum() / denom) if denom else 1.0
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) pixel counts, rows = true class, columns = predicted class (all pixels pooled)."""
+    p = np.asarray(pred).astype(np.int64).ravel()
+    t = np.asarray(target).astype(np.int64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and target differ in size: {p.size} vs {t.size}")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def class_iou(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-class IoU over all pixels pooled (the semantic-segmentation convention); NaN for a class absent
+    from both prediction and target."""
+    cm = confusion_matrix(pred, target, n_classes).astype(np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import HyADSConfig
-from .data.io import load_image, resize_rgb
+from .data.io import load_image, load_label_mask, load_mask, resize_labels, resize_rgb
 from .detectors.autoencoder import AETrainer, UNetAE, error_map
 from .detectors.patchcore import MemoryBank, NearestNeighbourIndex, Reservoir
 from .features import texture as tex
@@ -51,6 +51,49 @@ def _to_rgb(img: ImageLike, size: int) -> np.ndarray:
         if arr.size and (arr.min() < 0 or arr.max() > 1):
             raise HyADSError("float image arrays must lie in [0, 1]")
     return resize_rgb(arr, size)
+
+
+def _to_mask(m: Any, size: int) -> np.ndarray:
+    """A defect mask (array or file; non-zero = defect) as bool (size, size)."""
+    if isinstance(m, (str, Path)):
+        return load_mask(m, size=size)
+    arr = np.asarray(m)
+    if arr.ndim != 2:
+        raise HyADSError(f"a mask must be a 2-D array, got shape {arr.shape}")
+    return resize_labels((arr > 0).astype(np.uint8), size) > 0
+
+
+def _to_labels(m: Any, size: int) -> np.ndarray:
+    """A class-index mask (array or file) as uint8 (size, size)."""
+    if isinstance(m, (str, Path)):
+        return load_label_mask(m, size)
+    arr = np.asarray(m)
+    if arr.ndim != 2:
+        raise HyADSError(f"a mask must be a 2-D array, got shape {arr.shape}")
+    return resize_labels(arr, size)
+
+
+def _cell_masks(masks: np.ndarray, g: int, dilate: int) -> np.ndarray:
+    """(N, S, S) pixel masks -> (N, g, g) cells that contain a defect pixel or lie within `dilate` cells of one
+    (a patch feature sees its neighbours, so patches next to a defect are not clean either)."""
+    n, s, _ = masks.shape
+    cells = masks.reshape(n, g, s // g, g, s // g).any(axis=(2, 4))
+    if dilate > 0:
+        cells = ndimage.binary_dilation(cells, np.ones((1, 2 * dilate + 1, 2 * dilate + 1), bool))
+    return cells
+
+
+def _calibrate_pixels(maps: np.ndarray, masks: np.ndarray, seed: int,
+                      n: int = 200_000) -> tuple[Calibration, np.ndarray]:
+    """Threshold = pixel F1-max between (subsampled) normal and defect pixels, for validation sets in which
+    every image has a defect."""
+    rng = np.random.default_rng(seed)
+    normal, defect = maps[~masks], maps[masks]
+    normal = normal[rng.choice(normal.size, min(n, normal.size), replace=False)]
+    defect = defect[rng.choice(defect.size, min(n, defect.size), replace=False)]
+    cal = calibrate(normal, 0.99, defect)
+    cal.method = "validation pixel F1-max (no defect-free validation image)"
+    return cal, normal.astype(np.float64)
 
 
 class HyADS:
@@ -89,6 +132,11 @@ class HyADS:
         show = self.progress and len(images) > bs
         for s in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not show, leave=False):
             yield np.stack([_to_rgb(im, self.config.image_size) for im in images[s : s + bs]])
+
+    def _batches_at(self, images: Sequence[ImageLike], desc: str) -> Iterator[tuple[int, np.ndarray]]:
+        """Like _batches, with each batch's start index."""
+        for i, rgb in enumerate(self._batches(images, desc)):
+            yield i * self.config.batch_size, rgb
 
     def use_runtime(self, runtime: str = "torch", onnx_dir: str | Path | None = None,
                     threads: int | None = None) -> "HyADS":
@@ -140,11 +188,17 @@ class HyADS:
         images: Sequence[ImageLike],
         val_images: Sequence[ImageLike] | None = None,
         val_labels: Sequence[int] | None = None,
+        masks: Sequence[Any] | None = None,
+        val_masks: Sequence[Any] | None = None,
     ) -> "HyADS":
-        """Learn normal appearance from `images` (all defect-free).
+        """Learn normal appearance from `images` (all defect-free, unless `masks` says where defects are).
 
         The threshold is calibrated on `val_images` when given (F1-max if `val_labels` contain defects),
         otherwise on a seeded held-out fraction of `images` that is not put in the bank.
+
+        `masks` (one per image: array or mask file, non-zero = defect) is for sets without defect-free images
+        (NEU-Seg): the bank and texture bank take only patches whose neighbourhood has no labelled defect, and
+        the AE loss ignores labelled pixels. Held-out images then carry their masks into calibration.
         """
         c = self.config
         images = list(images)
@@ -152,16 +206,27 @@ class HyADS:
             raise HyADSError("fit() needs at least one normal image")
         t0 = time.perf_counter()
         rng = np.random.default_rng(c.seed)
+        S = c.image_size
+        mtrain = None if masks is None else np.stack([_to_mask(m, S) for m in masks])
+        if mtrain is not None and len(mtrain) != len(images):
+            raise HyADSError(f"fit() got {len(images)} images but {len(mtrain)} masks")
+        mval = None if val_masks is None else np.stack([_to_mask(m, S) for m in val_masks])
         if val_images is None and len(images) >= 2 and c.validation_fraction > 0:
             n_val = max(1, int(round(c.validation_fraction * len(images))))
             order = rng.permutation(len(images))
-            val_images = [images[i] for i in sorted(order[:n_val])]
+            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+            val_images = [images[i] for i in val_idx]
             val_labels = [0] * n_val
-            train = [images[i] for i in sorted(order[n_val:])]
+            train = [images[i] for i in train_idx]
+            if mtrain is not None:
+                mval, mtrain = mtrain[val_idx], mtrain[train_idx]
         else:
             train = images
+        if mval is not None:
+            val_labels = [int(m.any()) for m in mval]
         dets = self.detectors
         self.bank_ = None
+        self.seghead_ = None
         self.weights_ = None
         self.calibration_ = None
         t_feat = t_bank = time.perf_counter()
@@ -169,17 +234,24 @@ class HyADS:
             self._build_features()
             g = c.image_size // self.backbone_.tap_strides[0]
             self.bank_ = _new_bank(c)
-            self.bank_.start(len(train) * g * g, self.embedder_.out_dim)
-            for rgb in self._batches(train, "features"):
+            keep = None if mtrain is None else ~_cell_masks(mtrain, g, c.patch_neighbourhood // 2 + 1)
+            n_patches = len(train) * g * g if keep is None else int(keep.sum())
+            if n_patches == 0:
+                raise HyADSError("every training patch touches a labelled defect: no normal patches for the bank")
+            self.bank_.start(n_patches, self.embedder_.out_dim)
+            for s0, rgb in self._batches_at(train, "features"):
                 p = self._patches(rgb)
-                self.bank_.partial_fit(p.reshape(-1, p.shape[-1]))
+                p = p.reshape(-1, p.shape[-1])
+                if keep is not None:
+                    p = p[keep[s0 : s0 + len(rgb)].reshape(-1)]
+                self.bank_.partial_fit(p)
             t_feat = time.perf_counter()
             self.bank_.finish()
             t_bank = time.perf_counter()
         if "texture" in dets:
-            self._fit_texture(train)
+            self._fit_texture(train, mtrain)
         if "ae" in dets:
-            self._fit_ae(train, val_images or [])
+            self._fit_ae(train, val_images or [], mtrain)
         t_extra = time.perf_counter()
 
         # Normalisation statistics and fusion weights (only needed with more than one detector).
@@ -189,9 +261,16 @@ class HyADS:
         if len(dets) > 1 and val_images:
             labels = np.asarray(val_labels if val_labels is not None else [0] * len(val_images))
             val_rgb = np.stack([_to_rgb(im, c.image_size) for im in val_images])
-            normal_maps = self._detector_maps_all(val_rgb[labels == 0])
+            if mval is not None:  # real masks: statistics from normal pixels, search on the real defects
+                all_maps = self._detector_maps_all(val_rgb)
+                normal_maps = {d: m[~mval] for d, m in all_maps.items()}
+            else:
+                normal_maps = self._detector_maps_all(val_rgb[labels == 0])
             self.map_stats_ = {d: map_stats(m) for d, m in normal_maps.items()}
-            if (labels == 1).any():
+            if mval is not None:
+                search_maps, search_labels, search_masks = all_maps, labels, mval
+                source = "validation images with labelled masks"
+            elif (labels == 1).any():
                 search_maps = self._detector_maps_all(val_rgb)
                 search_labels, search_masks = labels, None
                 source = "validation images"
@@ -213,10 +292,16 @@ class HyADS:
         if val_images:
             scores = self.score_samples(val_images)
             labels = np.asarray(val_labels if val_labels is not None else [0] * len(scores))
-            if labels.shape != scores.shape or not (labels == 0).any():
+            if mval is not None and not (labels == 0).any():
+                # No defect-free validation image: pixel-level F1-max between normal and defect pixels.
+                self.calibration_, self.normal_scores_ = _calibrate_pixels(self.anomaly_map(val_images), mval,
+                                                                           c.seed)
+                labels = None
+            elif labels.shape != scores.shape or not (labels == 0).any():
                 raise HyADSError("validation labels must give one 0/1 label per image, with at least one normal (0)")
-            self.calibration_ = calibrate(scores[labels == 0], c.normal_quantile, scores[labels == 1])
-            self.normal_scores_ = scores[labels == 0]
+            if labels is not None:
+                self.calibration_ = calibrate(scores[labels == 0], c.normal_quantile, scores[labels == 1])
+                self.normal_scores_ = scores[labels == 0]
         else:
             # A single training image: nothing held out, so calibrate on its own (optimistic) score.
             scores = self.score_samples(train)
@@ -243,10 +328,17 @@ class HyADS:
         return self
 
     # -- texture and autoencoder detectors ------------------------------------------------------------
-    def _fit_texture(self, train: Sequence[ImageLike]) -> None:
+    def _fit_texture(self, train: Sequence[ImageLike], masks: np.ndarray | None = None) -> None:
         c = self.config
-        desc = np.concatenate([tex.batch_descriptors(rgb).reshape(-1, tex.DIM)
-                               for rgb in self._batches(train, "texture")])
+        parts = []
+        for s0, rgb in self._batches_at(train, "texture"):
+            d = tex.batch_descriptors(rgb)
+            if masks is not None:
+                d = d[~_cell_masks(masks[s0 : s0 + len(rgb)], d.shape[1], 2)]
+            parts.append(d.reshape(-1, tex.DIM))
+        desc = np.concatenate(parts)
+        if len(desc) == 0:
+            raise HyADSError("every texture cell touches a labelled defect: nothing normal to learn from")
         self.texture_mean_ = desc.mean(0).astype(np.float32)
         self.texture_std_ = (desc.std(0) + 1e-6).astype(np.float32)
         res = Reservoir(max(1, int(round(c.ratio * len(desc)))), tex.DIM, c.seed + 1)
@@ -262,7 +354,7 @@ class HyADS:
         z = ((d - self.texture_mean_) / self.texture_std_).reshape(-1, tex.DIM)
         return self._upsample_smooth(self._texture_index.search(z).reshape(b, 1, g, g))
 
-    def _fit_ae(self, train: Sequence[ImageLike], val: Sequence[ImageLike]) -> None:
+    def _fit_ae(self, train: Sequence[ImageLike], val: Sequence[ImageLike], masks: np.ndarray | None = None) -> None:
         c = self.config
         torch.manual_seed(c.seed)
         self.ae_ = UNetAE(skips=c.ae_skips)
@@ -271,7 +363,8 @@ class HyADS:
         trainer = AETrainer(epochs=c.ae_epochs, lr=c.ae_lr, batch_size=c.batch_size, crop=c.ae_crop,
                             input_noise=c.ae_noise, patience=c.ae_patience, seed=c.seed, progress=self.progress,
                             max_images=c.ae_max_images)
-        trainer.fit(self.ae_, x, xv)
+        weights = None if masks is None else (~ndimage.binary_dilation(masks, np.ones((1, 5, 5), bool)))
+        trainer.fit(self.ae_, x, xv, None if weights is None else weights.astype(np.float32))
         self.ae_history_ = trainer.history_
 
     def _ae_maps(self, rgb: np.ndarray) -> np.ndarray:
@@ -282,12 +375,12 @@ class HyADS:
             err = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in err])
         return err.astype(np.float32)
 
-    def _detector_maps(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+    def _detector_maps(self, rgb: np.ndarray, patches: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Raw maps of every fitted detector for one batch of decoded images."""
         out: dict[str, np.ndarray] = {}
         for d in self.detectors:
             if d == "patchcore":
-                out[d] = self._maps_from_patches(self._patches(rgb))
+                out[d] = self._maps_from_patches(self._patches(rgb) if patches is None else patches)
             elif d == "texture":
                 out[d] = self._texture_maps(rgb)
             else:
@@ -334,6 +427,98 @@ class HyADS:
         self.fit_info_["n_added_images"] = self.fit_info_.get("n_added_images", 0) + len(images)
         return self
 
+    # -- segmentation head ---------------------------------------------------------------------------
+    def fit_segmentation(
+        self,
+        images: Sequence[ImageLike],
+        masks: Sequence[Any],
+        classes: Sequence[str],
+        val_images: Sequence[ImageLike] | None = None,
+        val_masks: Sequence[Any] | None = None,
+    ) -> "HyADS":
+        """Fit the unsupervised detectors on the normal pixels of labelled images, then the segmentation head.
+
+        `masks` are class-index maps (0 = background, i = classes[i-1]); arrays or mask files. With
+        `seg_crossfit`, the detectors kept in the model are fitted on one half of the images and the head's
+        inputs for that half come from detectors fitted on the other half (no image's maps come from a bank
+        holding its own patches). `val_images`/`val_masks` pick the best epoch (validation mean IoU).
+        """
+        from .segmentation import SegHead, SegHeadTrainer
+
+        c = self.config
+        images, classes = list(images), [str(k) for k in classes]
+        if not classes:
+            raise HyADSError("fit_segmentation needs at least one defect class name")
+        S = c.image_size
+        y = np.stack([_to_labels(m, S) for m in masks])
+        if len(y) != len(images):
+            raise HyADSError(f"fit_segmentation got {len(images)} images but {len(y)} masks")
+        if y.max() > len(classes):
+            raise HyADSError(f"masks contain class {int(y.max())} but only {len(classes)} classes are named")
+        c.seg_classes = classes
+        rng = np.random.default_rng(c.seed)
+        if c.seg_crossfit and len(images) >= 4:
+            order = rng.permutation(len(images))
+            a, b = np.sort(order[::2]), np.sort(order[1::2])
+            other = HyADS(c)
+            other.progress = self.progress
+            other.fit([images[i] for i in b], masks=list(y[b]))
+            self.fit([images[i] for i in a], masks=list(y[a]))
+            ga, la = other.segmentation_inputs([images[i] for i in a])
+            gb, lb = self.segmentation_inputs([images[i] for i in b])
+            grid, low = np.concatenate([ga, gb]), np.concatenate([la, lb])
+            y = np.concatenate([y[a], y[b]])
+            del other
+        else:
+            self.fit(images, masks=list(y))
+            grid, low = self.segmentation_inputs(images)
+        val = None
+        if val_images is not None and val_masks is not None and len(val_images):
+            gv, lv = self.segmentation_inputs(list(val_images))
+            val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
+        torch.manual_seed(c.seed)
+        n_out = 1 if len(classes) == 1 else len(classes) + 1
+        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width)
+        trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
+                                 progress=self.progress)
+        trainer.fit(self.seghead_, grid, low, y, val)
+        self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
+                                          "crossfit": bool(c.seg_crossfit and len(images) >= 4),
+                                          "history": trainer.history_}
+        return self
+
+    def _seg_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Head inputs for one batch: grid (B, Cg, g, g) and low (B, Cl, S/4, S/4), float16."""
+        c = self.config
+        grid = [tex.batch_descriptors(rgb).transpose(0, 3, 1, 2)]
+        patches = None
+        if "patchcore" in self.detectors or c.seg_features:
+            if getattr(self, "backbone_", None) is None:
+                self._build_features()
+            patches = self._patches(rgb)
+            if c.seg_features:
+                grid.append(patches.transpose(0, 3, 1, 2))
+        maps = self._detector_maps(rgb, patches)
+        low = np.concatenate([tex.to_gray(rgb)[:, None], np.stack([maps[d] for d in self.detectors], 1)], 1)
+        low = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)), 4).numpy()
+        return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
+
+    def segmentation_inputs(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self._seg_inputs(rgb) for rgb in self._batches(list(images), "segmentation inputs")]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def predict_labels(self, images: Sequence[ImageLike], size: tuple[int, int] | None = None) -> np.ndarray:
+        """Class maps (N, H, W) uint8 from the segmentation head (0 = background, i = seg_classes[i-1])."""
+        from .segmentation import predict_labels
+
+        self._require_fitted()
+        if getattr(self, "seghead_", None) is None:
+            raise NotFittedError("this model has no segmentation head: fit it with fit_segmentation()")
+        size = size or (self.config.image_size, self.config.image_size)
+        out = [predict_labels(self.seghead_, *self._seg_inputs(rgb), size)
+               for rgb in self._batches(list(images), "segment")]
+        return np.concatenate(out) if out else np.zeros((0, *size), np.uint8)
+
     # -- inference -----------------------------------------------------------------------------------
     def anomaly_map(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Per-pixel anomaly maps (N, S, S) at the model resolution, in raw distance units."""
@@ -366,11 +551,11 @@ class HyADS:
         return (self.score_samples(images) >= self.threshold_).astype(np.int64)
 
     def predict_mask(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Binary defect masks (N, S, S): pixels whose map value reaches the image threshold.
-
-        Because the image score is the map maximum, an image is predicted defective exactly when its mask
-        is non-empty.
-        """
+        """Binary defect masks (N, S, S): from the segmentation head when the model has one, otherwise the
+        pixels whose map value reaches the image threshold (then an image is predicted defective exactly when
+        its mask is non-empty, because the image score is the map maximum)."""
+        if getattr(self, "seghead_", None) is not None:
+            return self.predict_labels(images) > 0
         return self.anomaly_map(images) >= self.threshold_
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -421,6 +606,15 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
     model.calibration_ = Calibration(float(cal["threshold"]), float(cal["scale"]), str(cal["method"]))
     model.normal_scores_ = np.asarray(tensors["normal_scores"], dtype=np.float64)
     model.fit_info_ = dict(state["fit_info"])
+    if "seg" in state:
+        from .segmentation import SegHead
+
+        sg = state["seg"]
+        model.seghead_ = SegHead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]),
+                                 int(sg["width"]))
+        sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
+        model.seghead_.load_state_dict(sd, strict=True)
+        model.seghead_.eval()
     return model
 
 
@@ -446,4 +640,10 @@ def export_state(model: HyADS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if "ae" in model.detectors:
         for k, v in model.ae_.state_dict().items():
             tensors["ae." + k] = v.detach().cpu().numpy().copy()
+    head = getattr(model, "seghead_", None)
+    if head is not None:
+        state["seg"] = {"grid_channels": head.grid_channels, "low_channels": head.low_channels,
+                        "n_out": head.n_out, "width": model.config.seg_width}
+        for k, v in head.state_dict().items():
+            tensors["seg." + k] = v.detach().cpu().numpy().copy()
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, state

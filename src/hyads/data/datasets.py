@@ -145,3 +145,65 @@ def list_images(paths: list[str | Path]) -> list[Path]:
         else:
             raise DatasetError(f"{p}: no such file or folder")
     return out
+
+
+NEU_CLASSES = ["inclusion", "patches", "scratches"]
+
+
+@dataclass
+class SegDataset:
+    """Pixel-labelled images in the Pascal-VOC layout: JPEGImages/, SegmentationClass/ (class-index PNGs),
+    ImageSets/Segmentation/{train,val,test}.txt."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, Path]]]
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        return f"{self.root} (segmentation, classes {', '.join(self.classes)}): {parts}"
+
+
+def is_segmentation_dataset(root: str | Path) -> bool:
+    root = Path(root)
+    return (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir()
+
+
+def load_segmentation_dataset(root: str | Path, classes: list[str] | None = None) -> SegDataset:
+    """Read the split lists; class names from `classes`, else classes.txt in root, else NEU-Seg's names when
+    the folder is NEU-Seg, else class_1..class_K from the largest label in the training masks."""
+    root = Path(root)
+    if not is_segmentation_dataset(root):
+        raise DatasetError(f"{root}: not a segmentation dataset (needs JPEGImages/ and SegmentationClass/)")
+    lists = root / "ImageSets" / "Segmentation"
+    splits: dict[str, list[tuple[Path, Path]]] = {}
+    for name in ("train", "val", "test"):
+        f = lists / f"{name}.txt"
+        if not f.exists():
+            continue
+        pairs = []
+        for stem in (ln.strip() for ln in f.read_text().splitlines()):
+            if not stem:
+                continue
+            imgs = [p for p in (root / "JPEGImages").glob(stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            mask = root / "SegmentationClass" / f"{stem}.png"
+            if not imgs:
+                raise DatasetError(f"{f}: image for '{stem}' not found in {root / 'JPEGImages'}")
+            if not mask.exists():
+                raise DatasetError(f"{f}: mask {mask} not found")
+            pairs.append((imgs[0], mask))
+        splits[name] = pairs
+    if "train" not in splits or "test" not in splits:
+        raise DatasetError(f"{lists}: needs train.txt and test.txt split lists")
+    if classes is None:
+        ctxt = root / "classes.txt"
+        if ctxt.exists():
+            classes = [c.strip() for c in ctxt.read_text().splitlines() if c.strip()]
+        elif "neu" in root.name.lower():
+            classes = list(NEU_CLASSES)
+        else:
+            from .io import load_label_mask
+
+            k = max(int(load_label_mask(m).max()) for _, m in splits["train"])
+            classes = [f"class_{i}" for i in range(1, k + 1)]
+    return SegDataset(root, list(classes), splits)

@@ -120,6 +120,26 @@ def load_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size
     return mask
 
 
+def load_label_mask(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Read a class-index mask (0 = background, 1..K = defect classes) as uint8 (H, W); `size` resizes it
+    (nearest, so class values are kept)."""
+    img = _open(path, str(path))
+    if img.mode not in ("L", "P", "I", "I;16"):
+        raise ImageError(path, f"class mask must be single-channel (got mode {img.mode})")
+    arr = np.asarray(img)
+    if arr.ndim != 2 or arr.min() < 0 or arr.max() > 255:
+        raise ImageError(path, "class mask must be a single-channel image with values 0..255")
+    return resize_labels(arr.astype(np.uint8), size)
+
+
+def resize_labels(arr: np.ndarray, size: int | None) -> np.ndarray:
+    """Nearest-neighbour resize of an integer label map to (size, size); None keeps it."""
+    arr = np.asarray(arr)
+    if size is None or arr.shape == (size, size):
+        return arr.astype(np.uint8)
+    return np.asarray(Image.fromarray(arr.astype(np.uint8)).resize((size, size), Image.NEAREST))
+
+
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file without decoding all pixels."""
     try:

@@ -71,11 +71,17 @@ class AETrainer:
         self.max_images = max_images
         self.history_: list[dict[str, float]] = []
 
-    def fit(self, model: UNetAE, train: np.ndarray, val: np.ndarray | None = None) -> UNetAE:
-        """train, val: (N, S, S, 3) float RGB. Returns the model with the best validation loss, in eval mode."""
+    def fit(self, model: UNetAE, train: np.ndarray, val: np.ndarray | None = None,
+            weights: np.ndarray | None = None) -> UNetAE:
+        """train, val: (N, S, S, 3) float RGB. Returns the model with the best validation loss, in eval mode.
+
+        `weights` (N, S, S), optional: per-pixel loss weights, 0 on labelled defects, so a set without
+        defect-free images still teaches the AE only what normal surface looks like (a masked MSE).
+        """
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         x = torch.from_numpy(np.ascontiguousarray(train.transpose(0, 3, 1, 2)))
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))[:, None] if weights is not None else None
         xv = torch.from_numpy(np.ascontiguousarray(val.transpose(0, 3, 1, 2))) if val is not None and len(val) else None
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         best, best_state, bad = math.inf, copy.deepcopy(model.state_dict()), 0
@@ -92,12 +98,17 @@ class AETrainer:
                 idx = order[i : i + self.batch_size]
                 oy, ox = (torch.randint(0, s - crop + 1, (2,), generator=g)).tolist()
                 batch = x[idx, :, oy : oy + crop, ox : ox + crop]
+                wb = w[idx, :, oy : oy + crop, ox : ox + crop] if w is not None else None
                 if torch.rand(1, generator=g).item() < 0.5:
                     batch = batch.flip(-1)
+                    wb = wb.flip(-1) if wb is not None else None
                 inp = batch
                 if self.input_noise > 0:
                     inp = (batch + self.input_noise * torch.randn(batch.shape, generator=g)).clamp(0, 1)
-                loss = F.mse_loss(model(inp), batch)
+                if wb is None:
+                    loss = F.mse_loss(model(inp), batch)
+                else:
+                    loss = (((model(inp) - batch) ** 2).mean(1, keepdim=True) * wb).sum() / wb.sum().clamp_min(1.0)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

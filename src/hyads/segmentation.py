@@ -1,0 +1,152 @@
+"""Light segmentation head: [texture descriptors, detector maps, image (, backbone patch features)] -> mask.
+
+Used when pixel labels exist. The head is a pure `nn.Module` working at 1/4 of the model resolution:
+
+- grid inputs at the patch grid (stride 8): standardised LBP+HOG descriptors and, optionally, the
+  backbone patch features PatchCore already computes (they carry most of the "which defect class" signal);
+  projected by a 1x1 conv and upsampled x2;
+- low inputs at stride 4: the grey image and every detector's anomaly map, average-pooled x4;
+- an input BatchNorm puts all channels on one scale (maps from different detectors and folds included), then
+  a few Conv3x3-BN-ReLU layers and a 1x1 classifier; logits are upsampled bilinearly to any output size.
+
+Output: one logit per pixel (binary defect mask) or K+1 class logits (background + K defect classes).
+Training: Adam, BCE + soft Dice (binary) or cross-entropy + soft Dice over the defect classes (multi-class),
+flips as augmentation, early stopping on validation mean IoU; seeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import metrics as M
+
+
+def _cbr(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SegHead(nn.Module):
+    """(grid (B, Cg, g, g), low (B, Cl, 2g, 2g)) -> logits (B, n_out, 2g, 2g)."""
+
+    def __init__(self, grid_channels: int, low_channels: int, n_out: int, width: int = 64, depth: int = 3):
+        super().__init__()
+        self.grid_channels, self.low_channels, self.n_out = grid_channels, low_channels, n_out
+        self.grid_norm = nn.BatchNorm2d(grid_channels) if grid_channels else None
+        self.grid_proj = _cbr(grid_channels, width, 1) if grid_channels else None
+        self.low_norm = nn.BatchNorm2d(low_channels)
+        self.low_proj = _cbr(low_channels, width // 2, 3)
+        cin = width // 2 + (width if grid_channels else 0)
+        self.body = nn.Sequential(*[_cbr(cin if i == 0 else width, width) for i in range(depth)])
+        self.classifier = nn.Conv2d(width, n_out, 1)
+
+    def forward(self, grid: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        parts = [self.low_proj(self.low_norm(low))]
+        if self.grid_proj is not None:
+            g = self.grid_proj(self.grid_norm(grid))
+            parts.append(F.interpolate(g, size=low.shape[-2:], mode="bilinear", align_corners=False))
+        return self.classifier(self.body(torch.cat(parts, 1)))
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, n_out, H, W) -> (B, H, W) int64 class map (0 = background)."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice (one output channel) or cross-entropy + soft Dice over defect classes."""
+    eps = 1.0
+    if logits.shape[1] == 1:
+        t = (target > 0).float()
+        p = torch.sigmoid(logits[:, 0])
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
+        dice = 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+        return bce + dice
+    ce = F.cross_entropy(logits, target)
+    prob = logits.softmax(1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    inter = (prob * onehot).sum((0, 2, 3))
+    dice = 1 - (2 * inter + eps) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + eps)
+    return ce + dice.mean()
+
+
+class SegHeadTrainer:
+    """Trains a SegHead on cached inputs; keeps the epoch with the best validation mean IoU."""
+
+    def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 16, patience: int = 5,
+                 seed: int = 0, progress: bool = True):
+        self.epochs, self.lr, self.batch_size, self.patience = epochs, lr, batch_size, patience
+        self.seed, self.progress = seed, progress
+        self.history_: list[dict[str, float]] = []
+
+    def fit(self, head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.ndarray,
+            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SegHead:
+        """grid (N, Cg, g, g), low (N, Cl, 2g, 2g), target (N, H, W) int class maps (0 = background)."""
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        n_classes = max(2, head.n_out)
+        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs))
+        best, best_state, bad = -math.inf, copy.deepcopy(head.state_dict()), 0
+        bar = tqdm(range(self.epochs), desc="segmentation head", unit="epoch", disable=not self.progress,
+                   leave=False)
+        for epoch in bar:
+            head.train()
+            order = torch.randperm(len(low), generator=gen)
+            total = 0.0
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size].numpy()
+                g = torch.from_numpy(grid[idx].astype(np.float32))
+                lo = torch.from_numpy(low[idx].astype(np.float32))
+                t = torch.from_numpy(target[idx].astype(np.int64))
+                for dim in (-1, -2):  # random flips of inputs and target together
+                    if torch.rand(1, generator=gen).item() < 0.5:
+                        g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
+                loss = seg_loss(upsample_logits(head(g, lo), t.shape[-2:]), t)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            sched.step()
+            record = {"epoch": epoch + 1, "train_loss": total / len(order)}
+            if val is not None:
+                pred = predict_labels(head, val[0], val[1], val[2].shape[-2:])
+                ious = M.class_iou(pred, val[2], n_classes)
+                record["val_miou_defects"] = float(np.nanmean(ious[1:]))
+            self.history_.append(record)
+            score = record.get("val_miou_defects", -record["train_loss"])
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_miou=f"{score:.3f}")
+            if score > best + 1e-6:
+                best, best_state, bad = score, copy.deepcopy(head.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    break
+        head.load_state_dict(best_state)
+        return head.eval()
+
+
+@torch.inference_mode()
+def predict_labels(head: SegHead, grid: np.ndarray, low: np.ndarray, size: tuple[int, int],
+                   batch_size: int = 32) -> np.ndarray:
+    """Class maps (N, H, W) uint8 at `size` from cached inputs."""
+    head.eval()
+    out = []
+    for i in range(0, len(low), batch_size):
+        logits = head(torch.from_numpy(grid[i : i + batch_size].astype(np.float32)),
+                      torch.from_numpy(low[i : i + batch_size].astype(np.float32)))
+        out.append(labels_from_logits(upsample_logits(logits, tuple(size))).numpy().astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, *size), np.uint8)
