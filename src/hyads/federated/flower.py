@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..detectors.autoencoder import AETrainer, UNetAE
-from .fedshufde import (FedSettings, Shuffler, UpdateValidator, aggregate, chunk_sizes, flatten, get_arrays,
-                        privatise, set_arrays, unflatten)
+from .fedshufde import (FedSettings, Shuffler, UpdateValidator, aggregate, chunk_sizes, flatten, float_keys,
+                        get_arrays, privatise, set_arrays, unflatten)
 
 log = logging.getLogger("hyads.federated")
 
@@ -92,7 +92,9 @@ def make_strategy(settings: FedSettings, n_clients: int, fraction_fit: float = 1
         """FedAvg whose aggregation sees only shuffled, anonymous, validated chunk reports."""
 
         def __init__(self) -> None:
-            self.global_arrays = get_arrays(new_model(settings.seed))
+            model = new_model(settings.seed)
+            self.global_arrays = get_arrays(model)
+            self.var_index = [i for i, k in enumerate(float_keys(model)) if k.endswith("running_var")]
             dim = sum(a.size for a in self.global_arrays)
             self.sizes = chunk_sizes(dim, settings.chunks)
             self.shuffler = Shuffler(settings.chunks)
@@ -127,6 +129,9 @@ def make_strategy(settings: FedSettings, n_clients: int, fraction_fit: float = 1
             if mean is not None:
                 vec = flatten(self.global_arrays) + settings.server_lr * mean.astype(np.float32)
                 self.global_arrays = unflatten(vec, self.global_arrays)
+                # Noise can push a BatchNorm running variance below zero (NaN at inference): keep it positive.
+                for i in self.var_index:
+                    np.maximum(self.global_arrays[i], 1e-5, out=self.global_arrays[i])
             else:
                 log.warning("round %d: no valid report, global model unchanged", server_round)
             nbytes = int(np.mean([sum(a.nbytes for a in r) for r in reports])) if reports else 0

@@ -63,7 +63,10 @@ def partition(sources: list[Source], n_clients: int, split: str, alpha: float = 
     offsets = np.cumsum([0] + [len(s.train) for s in sources])
     parts: list[list[int]] = [[] for _ in range(n_clients)]
     if split == "iid":
-        for i, idx in enumerate(np.array_split(rng.permutation(len(pooled)), n_clients)):
+        order = rng.permutation(len(pooled))
+        if n_clients > len(pooled):  # a fleet larger than the data: images are reused across clients
+            order = np.resize(order, n_clients)
+        for i, idx in enumerate(np.array_split(order, n_clients)):
             parts[i] = list(idx)
     elif split == "by-folder":
         for k in range(len(sources)):
@@ -98,9 +101,15 @@ def ae_auroc(arrays: list[np.ndarray], sources: list[Source], sigma: float = 2.0
             x = torch.from_numpy(s.test[i : i + 32].astype(np.float32).transpose(0, 3, 1, 2) / 255.0)
             err = error_map(model, x).numpy()
             scores.extend(ndimage.gaussian_filter(e, sigma).max() for e in err)
-        out[f"auroc_{s.name}"] = M.auroc(s.labels, np.asarray(scores))
-    if out:
-        out["auroc_mean"] = float(np.mean(list(out.values())))
+        scores = np.asarray(scores, np.float64)
+        bad = ~np.isfinite(scores)
+        if bad.any():  # a noise-wrecked model can overflow: those images tie at the top (half credit each)
+            out[f"nonfinite_{s.name}"] = float(bad.mean())
+            scores[bad] = (scores[~bad].max() + 1.0) if (~bad).any() else 0.0
+        out[f"auroc_{s.name}"] = M.auroc(s.labels, scores)
+    aurocs = [v for k, v in out.items() if k.startswith("auroc_")]
+    if aurocs:
+        out["auroc_mean"] = float(np.mean(aurocs))
     return out
 
 
