@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,17 +159,30 @@ def run_simulation(client_images: list[np.ndarray], settings: FedSettings, round
     from flwr.server import ServerConfig
     from flwr.simulation import start_simulation
 
+    import shutil
+    import tempfile
+
     n = len(client_images)
     strategy = make_strategy(settings, n, fraction_fit, evaluate, eval_every)
+    # Each site's images go to its own .npy file: the client function then carries only a path (Ray would
+    # otherwise pickle every site's images into every client call).
+    tmp = Path(tempfile.mkdtemp(prefix="hyads-fed-"))
+    paths = []
+    for i, imgs in enumerate(client_images):
+        paths.append(str(tmp / f"site{i}.npy"))
+        np.save(paths[-1], imgs)
 
     def client_fn(context: Any):
         pid = int(context.node_config["partition-id"])
-        return make_client(client_images[pid], settings, pid, pid in failing).to_client()
+        return make_client(np.load(paths[pid]), settings, pid, pid in failing).to_client()
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    start_simulation(client_fn=client_fn, num_clients=n, config=ServerConfig(num_rounds=rounds),
-                     strategy=strategy, client_resources={"num_cpus": 1},
-                     ray_init_args={"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
-                                    "configure_logging": False})
+    try:
+        start_simulation(client_fn=client_fn, num_clients=n, config=ServerConfig(num_rounds=rounds),
+                         strategy=strategy, client_resources={"num_cpus": 1},
+                         ray_init_args={"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
+                                        "configure_logging": False})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     del flwr
     return strategy

@@ -96,11 +96,15 @@ def ae_auroc(arrays: list[np.ndarray], sources: list[Source], sigma: float = 2.0
     for s in sources:
         if not len(s.test) or s.labels.min() == s.labels.max():
             continue
-        scores = []
+        scores, mse = [], []
         for i in range(0, len(s.test), 32):
             x = torch.from_numpy(s.test[i : i + 32].astype(np.float32).transpose(0, 3, 1, 2) / 255.0)
             err = error_map(model, x).numpy()
             scores.extend(ndimage.gaussian_filter(e, sigma).max() for e in err)
+            mse.extend(err.reshape(len(err), -1).mean(1))
+        # Reconstruction MSE on the normal test images: how well training (federated or not) fit "normal".
+        normal_mse = np.asarray(mse, np.float64)[s.labels == 0]
+        out[f"normal_mse_{s.name}"] = float(np.mean(normal_mse)) if np.isfinite(normal_mse).all() else float("inf")
         scores = np.asarray(scores, np.float64)
         bad = ~np.isfinite(scores)
         if bad.any():  # a noise-wrecked model can overflow: those images tie at the top (half credit each)
