@@ -164,3 +164,18 @@ def test_float16_bank_model_file(tmp_path, synth_root):
         assert load_file(str(path / "tensors.safetensors"))["bank"].dtype == (np.float16 if f16 else np.float32)
         maps[f16] = load_model(path).anomaly_map([ds.test[-1].path])
     np.testing.assert_allclose(maps[True], maps[False], rtol=5e-3, atol=5e-3)
+
+
+def test_smoothing_on_the_grid_matches_full_resolution_smoothing():
+    """Blur-then-upsample (cheap) against upsample-then-blur (default) on a smooth, PatchCore-like grid."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    dist = ndimage.gaussian_filter(rng.random((2, 1, 32, 32)), sigma=(0, 0, 1.5, 1.5)).astype(np.float32)
+    dist[0, 0, 10:13, 20:22] += 0.5  # a small defect
+    full = HyADS(image_size=256)._upsample_smooth(dist)
+    grid = HyADS(image_size=256, smooth_at_grid=True)._upsample_smooth(dist)
+    assert grid.shape == full.shape == (2, 256, 256)
+    assert np.corrcoef(full.ravel(), grid.ravel())[0, 1] > 0.99
+    assert np.unravel_index(grid[0].argmax(), grid[0].shape) == pytest.approx(
+        np.unravel_index(full[0].argmax(), full[0].shape), abs=6)

@@ -55,6 +55,8 @@ class HyADSConfig:
     fusion_step: float = 0.1
     # Anomaly map post-processing.
     smoothing_sigma: float = 4.0
+    # Smooth on the patch grid, then upsample (much cheaper; see docs/RESULTS.md for the accuracy check).
+    smooth_at_grid: bool = False
     # Threshold calibration on held-out normal images (when no defects are available).
     validation_fraction: float = 0.1
     normal_quantile: float = 0.99
