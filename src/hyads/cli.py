@@ -93,6 +93,8 @@ def fit(
     float16: bool = typer.Option(False, "--float16", help="Store the memory bank as float16 (half the memory)."),
     detectors: str = typer.Option("patchcore", help="Comma-separated subset of texture,ae,patchcore (fused)."),
     ae_epochs: int = typer.Option(30, help="Autoencoder epochs (when 'ae' is among the detectors)."),
+    smooth_at_grid: bool = typer.Option(False, "--smooth-at-grid", help="Smooth maps on the patch grid, then upsample (faster post-processing)."),
+    projection_dim: int = typer.Option(0, help="Random projection of patch features to this many dims (0 = off; faster kNN)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -111,7 +113,8 @@ def fit(
         val_images, val_labels = [s.path for s in val.test], [s.label for s in val.test]
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
-                  detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs)
+                  detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
+                  smooth_at_grid=smooth_at_grid, projection_dim=projection_dim)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
