@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/federated.py --out runs/federated
 
-Writes runs/federated/federated.json and federated.md. Takes ~30 min on the 2-core machine.
+Writes runs/federated/federated.json and federated.md. Model: --model feature-ae (default) or unet-ae.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/federated"))
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--fleet-rounds", type=int, default=3)
+    ap.add_argument("--fleet-rounds", type=int, default=2)
+    ap.add_argument("--model", default="feature-ae")
     ap.add_argument("--max-test", type=int, default=200)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -35,7 +36,7 @@ def main() -> None:
     def save() -> None:
         (args.out / "federated.json").write_text(json.dumps(clean_json(results), indent=2))
 
-    base = dict(image_size=128, crop=64, local_epochs=1, max_local_images=64)
+    base = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=64)
     # 4 sites, non-IID (bottle on sites 0 and 2, magnetic tile on 1 and 3), no noise, vs centralised.
     r = run_federation(roots, 4, "by-folder", args.rounds, FedSettings(**base, clip=0.0), compare_central=True,
                        max_test=args.max_test)
@@ -46,7 +47,7 @@ def main() -> None:
                            max_test=args.max_test)
         results["sites"].append({"eps0": eps, "clip": 1.0, **r})
         save()
-    fleet = dict(image_size=128, crop=64, local_epochs=1, max_local_images=4, clip=1.0)
+    fleet = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=4, clip=1.0)
     for n in (100, 1000):
         for eps in (math.inf, 1.0):
             r = run_federation(roots, n, "iid", args.fleet_rounds, FedSettings(**fleet, eps0=eps, delta0=1e-9),

@@ -411,18 +411,23 @@ def segment(
 
 
 def _fed_settings(image_size: int, epsilon: float, delta0: float, clip: float, chunks: int, local_epochs: int,
-                  max_local_images: int, seed: int):
+                  max_local_images: int, seed: int, model: str = "feature-ae"):
     from .federated.fedshufde import FedSettings
 
     if epsilon <= 0:
         raise HyADSError("--epsilon must be > 0 (use inf for no local noise)")
     if clip <= 0 and epsilon != float("inf"):
         raise HyADSError("local noise needs --clip > 0")
-    return FedSettings(image_size=image_size, eps0=epsilon, delta0=delta0, clip=clip, chunks=chunks,
+    from .federated.models import MODELS
+
+    if model not in MODELS:
+        raise HyADSError(f"--model {model!r}: use {', '.join(MODELS)}")
+    return FedSettings(model=model, image_size=image_size, eps0=epsilon, delta0=delta0, clip=clip, chunks=chunks,
                        local_epochs=local_epochs, max_local_images=max_local_images, seed=seed)
 
 
 EPS_HELP = "Local epsilon per round (eps0) of the Gaussian mechanism; 'inf' = no noise."
+MODEL_HELP = "What is federated: feature-ae (small AE on frozen patch features) | unet-ae (image U-Net AE)."
 
 
 @app.command()
@@ -430,6 +435,7 @@ EPS_HELP = "Local epsilon per round (eps0) of the Gaussian mechanism; 'inf' = no
 def federate(
     data: list[Path] = typer.Option(..., "--data", help="Dataset folder(s) whose normal images are spread over the clients (repeat)."),
     clients: int = typer.Option(4, help="Number of simulated sites."),
+    model: str = typer.Option("feature-ae", help=MODEL_HELP),
     split: str = typer.Option("by-folder", help="iid | by-folder | dirichlet."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (split=dirichlet)."),
     rounds: int = typer.Option(5, help="Federated rounds."),
@@ -449,12 +455,12 @@ def federate(
     """FedShufde simulation on this machine (Flower + Ray): AE trained across sites with LDP + shuffling."""
     from .federated.runner import run_federation
 
-    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, local_epochs, max_local_images, seed)
+    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, local_epochs, max_local_images, seed, model)
     res = run_federation(list(data), clients, split, rounds, s, alpha, fraction_fit, compare_central, out,
                          max_test, log=console.print)
-    console.print(f"federated AE image AUROC: {res['federated']}")
+    console.print(f"federated {model} image AUROC: {res['federated']}")
     if "centralised" in res:
-        console.print(f"centralised AE image AUROC: {res['centralised']}")
+        console.print(f"centralised {model} image AUROC: {res['centralised']}")
     console.print(f"{res['seconds_per_round']:.1f} s per round, "
                   f"{res['bytes_uploaded_per_client_per_round'] / 1e6:.2f} MB uploaded per client per round")
     console.print(res["privacy"]["summary"], highlight=False)
@@ -465,6 +471,7 @@ def federate(
 def federate_server(
     address: str = typer.Option("127.0.0.1:8089", help="host:port to listen on."),
     clients: int = typer.Option(2, help="Sites expected each round."),
+    model: str = typer.Option("feature-ae", help=MODEL_HELP),
     rounds: int = typer.Option(2, help="Rounds."),
     epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
     delta0: float = typer.Option(1e-6, help="Local delta0."),
@@ -478,7 +485,7 @@ def federate_server(
     """Run the FedShufde server as its own process (clients join with `hyads federate-client`)."""
     from .federated.runner import serve
 
-    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, 1, 64, seed)
+    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, 1, 64, seed, model)
     res = serve(address, clients, rounds, s, round_timeout, out)
     console.print(f"{len(res['rounds'])} rounds done; {res['privacy']['summary']}", highlight=False)
 
@@ -489,6 +496,7 @@ def federate_client(
     data: Path = typer.Option(..., "--data", help="This site's dataset folder (its normal images are used)."),
     address: str = typer.Option("127.0.0.1:8089", help="Server host:port."),
     site: int = typer.Option(0, help="Site number (seeds local training)."),
+    model: str = typer.Option("feature-ae", help=MODEL_HELP),
     epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
     delta0: float = typer.Option(1e-6, help="Local delta0."),
     clip: float = typer.Option(1.0, help="L2 clip bound C."),
@@ -502,7 +510,7 @@ def federate_client(
     from .federated.runner import join
 
     join(address, data, site, _fed_settings(image_size, epsilon, delta0, clip, chunks, local_epochs,
-                                             max_local_images, seed))
+                                             max_local_images, seed, model))
 
 
 @app.command("benchmark-suite")

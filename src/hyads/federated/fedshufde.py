@@ -31,10 +31,11 @@ log = logging.getLogger("hyads.federated")
 class FedSettings:
     """Everything clients and server must agree on (saved with the results)."""
 
+    model: str = "feature-ae"  # or "unet-ae" (see federated/models.py)
     image_size: int = 128
     crop: int = 64
     local_epochs: int = 1
-    max_local_images: int = 64  # images per client per round (bounds a round's cost on big sites)
+    max_local_images: int = 64  # images per client per local epoch (bounds a round's cost on big sites)
     batch_size: int = 8
     lr: float = 1e-3
     input_noise: float = 0.1

@@ -17,27 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..detectors.autoencoder import AETrainer, UNetAE
+from .models import local_train, new_model
 from .fedshufde import (FedSettings, Shuffler, UpdateValidator, aggregate, chunk_sizes, flatten, float_keys,
                         get_arrays, privatise, set_arrays, unflatten)
 
 log = logging.getLogger("hyads.federated")
-
-
-def new_model(seed: int) -> UNetAE:
-    torch.manual_seed(seed)
-    return UNetAE(skips=(2,))
-
-
-def local_train(model: UNetAE, images: np.ndarray, s: FedSettings, seed: int, epochs: int | None = None) -> None:
-    """A few epochs of the usual AE training (masked loss not needed: federated sites hold normal images)."""
-    x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
-    trainer = AETrainer(epochs=epochs or s.local_epochs, lr=s.lr, batch_size=s.batch_size, crop=s.crop,
-                        input_noise=s.input_noise, patience=10**9, seed=seed, progress=False,
-                        max_images=s.max_local_images)
-    trainer.fit(model, x)
 
 
 def _client_class():
@@ -48,7 +33,7 @@ def _client_class():
 
         def __init__(self, images: np.ndarray, settings: FedSettings, site: int, fail: bool = False):
             self.images, self.s, self.site, self.fail = images, settings, site, fail
-            self.model = new_model(settings.seed)
+            self.model = new_model(settings.model, settings.seed)
 
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
             return get_arrays(self.model)
@@ -93,7 +78,7 @@ def make_strategy(settings: FedSettings, n_clients: int, fraction_fit: float = 1
         """FedAvg whose aggregation sees only shuffled, anonymous, validated chunk reports."""
 
         def __init__(self) -> None:
-            model = new_model(settings.seed)
+            model = new_model(settings.model, settings.seed)
             self.global_arrays = get_arrays(model)
             self.var_index = [i for i, k in enumerate(float_keys(model)) if k.endswith("running_var")]
             dim = sum(a.size for a in self.global_arrays)

@@ -11,17 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from scipy import ndimage
 
 from .. import metrics as M
 from ..data.datasets import load_dataset
 from ..data.io import load_image
-from ..detectors.autoencoder import error_map
 from ..errors import HyADSError
 from ..utils import clean_json, write_text_atomic
 from .fedshufde import FedSettings, get_arrays, set_arrays
-from .flower import local_train, new_model
+from .models import anomaly_scores, local_train, new_model, patch_features
 from .privacy import privacy_report
 
 SPLITS = ("iid", "by-folder", "dirichlet")
@@ -39,7 +36,10 @@ def _decode(paths: list[Path], size: int) -> np.ndarray:
     return np.stack([(load_image(p, size) * 255).round().astype(np.uint8) for p in paths])
 
 
-def load_sources(roots: list[Path], size: int, seed: int = 0, max_test: int = 0) -> list[Source]:
+def load_sources(roots: list[Path], size: int, seed: int = 0, max_test: int = 0,
+                 kind: str = "unet-ae") -> list[Source]:
+    """Each dataset's normal training images and test images: uint8 images, or (feature-ae) their frozen
+    patch features, computed once per site."""
     out = []
     for root in roots:
         ds = load_dataset(root, seed=seed)
@@ -47,8 +47,12 @@ def load_sources(roots: list[Path], size: int, seed: int = 0, max_test: int = 0)
         if max_test and len(test) > max_test:  # seeded, keeps both classes
             idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:max_test])
             test = [test[i] for i in idx]
-        out.append(Source(Path(root).name, _decode(ds.train, size), _decode([s.path for s in test], size) if test
-                          else np.zeros((0, size, size, 3), np.uint8), np.array([s.label for s in test])))
+        train = _decode(ds.train, size)
+        test_imgs = _decode([s.path for s in test], size) if test else np.zeros((0, size, size, 3), np.uint8)
+        if kind == "feature-ae":
+            train = patch_features(train, size, seed)
+            test_imgs = patch_features(test_imgs, size, seed) if len(test_imgs) else test_imgs
+        out.append(Source(Path(root).name, train, test_imgs, np.array([s.label for s in test])))
     return out
 
 
@@ -87,25 +91,18 @@ def partition(sources: list[Source], n_clients: int, split: str, alpha: float = 
     return [pooled[np.sort(np.asarray(p))] for p in parts]
 
 
-def ae_auroc(arrays: list[np.ndarray], sources: list[Source], sigma: float = 2.0) -> dict[str, float]:
-    """Image AUROC of the AE's smoothed reconstruction-error maximum, per source and averaged."""
-    model = new_model(0)
+def ae_auroc(arrays: list[np.ndarray], sources: list[Source], kind: str = "feature-ae") -> dict[str, float]:
+    """Image AUROC of the federated model's anomaly score per source (and their mean), plus the mean
+    reconstruction error on the normal test images (how well training fit "normal")."""
+    model = new_model(kind, 0)
     set_arrays(model, arrays)
-    model.eval()
-    out = {}
+    out: dict[str, float] = {}
     for s in sources:
         if not len(s.test) or s.labels.min() == s.labels.max():
             continue
-        scores, mse = [], []
-        for i in range(0, len(s.test), 32):
-            x = torch.from_numpy(s.test[i : i + 32].astype(np.float32).transpose(0, 3, 1, 2) / 255.0)
-            err = error_map(model, x).numpy()
-            scores.extend(ndimage.gaussian_filter(e, sigma).max() for e in err)
-            mse.extend(err.reshape(len(err), -1).mean(1))
-        # Reconstruction MSE on the normal test images: how well training (federated or not) fit "normal".
-        normal_mse = np.asarray(mse, np.float64)[s.labels == 0]
-        out[f"normal_mse_{s.name}"] = float(np.mean(normal_mse)) if np.isfinite(normal_mse).all() else float("inf")
-        scores = np.asarray(scores, np.float64)
+        scores, err = anomaly_scores(model, s.test)
+        normal_err = err[s.labels == 0]
+        out[f"normal_mse_{s.name}"] = float(np.mean(normal_err)) if np.isfinite(normal_err).all() else float("inf")
         bad = ~np.isfinite(scores)
         if bad.any():  # a noise-wrecked model can overflow: those images tie at the top (half credit each)
             out[f"nonfinite_{s.name}"] = float(bad.mean())
@@ -120,7 +117,7 @@ def ae_auroc(arrays: list[np.ndarray], sources: list[Source], sigma: float = 2.0
 def centralised(sources: list[Source], s: FedSettings, epochs: int) -> list[np.ndarray]:
     """The same AE and trainer on the pooled images, for as many epochs as the federation's total; the
     per-epoch image cap is scaled by the number of sites so both see the same number of images."""
-    model = new_model(s.seed)
+    model = new_model(s.model, s.seed)
     pooled = np.concatenate([src.train for src in sources])
     local_train(model, pooled, s, seed=s.seed, epochs=epochs)
     return get_arrays(model)
@@ -133,12 +130,12 @@ def run_federation(roots: list[Path], n_clients: int, split: str, rounds: int, s
     from .flower import run_simulation
 
     t0 = time.perf_counter()
-    sources = load_sources(roots, settings.image_size, settings.seed, max_test)
+    sources = load_sources(roots, settings.image_size, settings.seed, max_test, settings.model)
     clients = partition(sources, n_clients, split, alpha, settings.seed)
     log(f"{n_clients} clients ({split}): images per client min {min(map(len, clients))}, "
         f"max {max(map(len, clients))}; sigma = {settings.sigma:.4g} per coordinate")
     strategy = run_simulation(clients, settings, rounds, fraction_fit,
-                              evaluate=lambda a: ae_auroc(a, sources), eval_every=eval_every, failing=failing)
+                              evaluate=lambda a: ae_auroc(a, sources, settings.model), eval_every=eval_every, failing=failing)
     n_reports = max(1, int(math.ceil(fraction_fit * n_clients)))
     result: dict[str, Any] = {
         "clients": n_clients, "split": split, "alpha": alpha if split == "dirichlet" else None,
@@ -148,13 +145,13 @@ def run_federation(roots: list[Path], n_clients: int, split: str, rounds: int, s
         "round_log": [asdict(r) for r in strategy.rounds],
         "seconds_per_round": float(np.mean([r.seconds for r in strategy.rounds])) if strategy.rounds else None,
         "bytes_uploaded_per_client_per_round": strategy.rounds[-1].bytes_per_client if strategy.rounds else 0,
-        "federated": ae_auroc(strategy.global_arrays, sources),
+        "federated": ae_auroc(strategy.global_arrays, sources, settings.model),
         "evaluations": strategy.evaluations,
     }
     if compare_central:
         t1 = time.perf_counter()
         cs = FedSettings(**{**asdict(settings), "max_local_images": settings.max_local_images * n_clients})
-        result["centralised"] = ae_auroc(centralised(sources, cs, rounds * settings.local_epochs), sources)
+        result["centralised"] = ae_auroc(centralised(sources, cs, rounds * settings.local_epochs), sources, settings.model)
         result["centralised_seconds"] = time.perf_counter() - t1
     result["seconds"] = time.perf_counter() - t0
     if out is not None:
@@ -192,6 +189,6 @@ def join(address: str, data: Path, site: int, settings: FedSettings) -> None:
 
     from .flower import make_client
 
-    images = load_sources([data], settings.image_size, settings.seed)[0].train
+    images = load_sources([data], settings.image_size, settings.seed, kind=settings.model)[0].train
     start_client(server_address=address, client=make_client(images, settings, site).to_client(), insecure=True,
                  max_retries=30, max_wait_time=60)
