@@ -193,3 +193,20 @@ def test_flower_simulation_survives_a_dropout(tmp_path: Path) -> None:
     assert 0.0 <= res["federated"]["auroc_mean"] <= 1.0
     assert res["bytes_uploaded_per_client_per_round"] == 4 * 21_800  # the feature AE's float32 parameters
     assert (tmp_path / "out" / "federation.json").exists()
+
+
+def test_feature_ae_local_training_reduces_error() -> None:
+    from hyads.federated.models import anomaly_scores, local_train, new_model
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 152))
+    feats = (rng.normal(size=(20, 6, 6, 8)) @ basis).astype(np.float16)  # normal data: an 8-d subspace
+    model = new_model("feature-ae", 0)
+    _, before = anomaly_scores(model, feats)
+    local_train(model, feats, FedSettings(local_epochs=30, max_local_images=20, lr=3e-3), seed=0)
+    _, after = anomaly_scores(model, feats)
+    assert after.mean() < 0.5 * before.mean()
+    odd = feats.astype(np.float32).copy()
+    odd[0, 2, 2] = rng.normal(size=152) * 3  # a patch off the normal subspace
+    scores, _ = anomaly_scores(model, odd)
+    assert scores[0] > np.max(scores[1:])
