@@ -23,8 +23,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/federated"))
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--fleet-rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--fleet-rounds", type=int, default=5)
     ap.add_argument("--model", default="feature-ae")
     ap.add_argument("--max-test", type=int, default=200)
     args = ap.parse_args()
@@ -36,18 +36,18 @@ def main() -> None:
     def save() -> None:
         (args.out / "federated.json").write_text(json.dumps(clean_json(results), indent=2))
 
-    base = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=64)
+    base = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=16)
     # 4 sites, non-IID (bottle on sites 0 and 2, magnetic tile on 1 and 3), no noise, vs centralised.
     r = run_federation(roots, 4, "by-folder", args.rounds, FedSettings(**base, clip=0.0), compare_central=True,
                        max_test=args.max_test)
     results["sites"].append({"eps0": math.inf, "clip": 0.0, **r})
     save()
     for eps in (math.inf, 8.0, 4.0, 2.0, 1.0):
-        r = run_federation(roots, 4, "by-folder", args.rounds, FedSettings(**base, clip=1.0, eps0=eps),
+        r = run_federation(roots, 4, "by-folder", args.rounds, FedSettings(**base, clip=0.5, eps0=eps),
                            max_test=args.max_test)
-        results["sites"].append({"eps0": eps, "clip": 1.0, **r})
+        results["sites"].append({"eps0": eps, "clip": 0.5, **r})
         save()
-    fleet = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=4, clip=1.0)
+    fleet = dict(model=args.model, image_size=128, crop=64, local_epochs=1, max_local_images=4, clip=0.5)
     for n in (100, 1000):
         for eps in (math.inf, 1.0):
             r = run_federation(roots, n, "iid", args.fleet_rounds, FedSettings(**fleet, eps0=eps, delta0=1e-9),

@@ -441,10 +441,10 @@ def federate(
     rounds: int = typer.Option(5, help="Federated rounds."),
     epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
     delta0: float = typer.Option(1e-6, help="Local delta0 of the Gaussian mechanism."),
-    clip: float = typer.Option(1.0, help="L2 clip bound C of an update (0 = none, only without noise)."),
+    clip: float = typer.Option(0.5, help="L2 clip bound C of an update (0 = none, only without noise)."),
     chunks: int = typer.Option(1, help="Reports per update, shuffled independently."),
     local_epochs: int = typer.Option(1, help="Local AE epochs per round."),
-    max_local_images: int = typer.Option(64, help="Images per client per local epoch."),
+    max_local_images: int = typer.Option(16, help="Images per client per local epoch."),
     fraction_fit: float = typer.Option(1.0, help="Share of clients sampled each round."),
     image_size: int = typer.Option(128, help="Image size for the AE."),
     compare_central: bool = typer.Option(False, "--compare-central", help="Also train the same AE centrally on pooled data."),
@@ -475,7 +475,7 @@ def federate_server(
     rounds: int = typer.Option(2, help="Rounds."),
     epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
     delta0: float = typer.Option(1e-6, help="Local delta0."),
-    clip: float = typer.Option(1.0, help="L2 clip bound C."),
+    clip: float = typer.Option(0.5, help="L2 clip bound C."),
     chunks: int = typer.Option(1, help="Reports per update."),
     image_size: int = typer.Option(128, help="Image size for the AE."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds before a round closes without late sites."),
@@ -485,7 +485,7 @@ def federate_server(
     """Run the FedShufde server as its own process (clients join with `hyads federate-client`)."""
     from .federated.runner import serve
 
-    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, 1, 64, seed, model)
+    s = _fed_settings(image_size, epsilon, delta0, clip, chunks, 1, 16, seed, model)
     res = serve(address, clients, rounds, s, round_timeout, out)
     console.print(f"{len(res['rounds'])} rounds done; {res['privacy']['summary']}", highlight=False)
 
@@ -499,10 +499,10 @@ def federate_client(
     model: str = typer.Option("feature-ae", help=MODEL_HELP),
     epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
     delta0: float = typer.Option(1e-6, help="Local delta0."),
-    clip: float = typer.Option(1.0, help="L2 clip bound C."),
+    clip: float = typer.Option(0.5, help="L2 clip bound C."),
     chunks: int = typer.Option(1, help="Reports per update."),
     local_epochs: int = typer.Option(1, help="Local epochs per round."),
-    max_local_images: int = typer.Option(64, help="Images per local epoch."),
+    max_local_images: int = typer.Option(16, help="Images per local epoch."),
     image_size: int = typer.Option(128, help="Image size for the AE."),
     seed: int = typer.Option(0, help="Seed (must match the server's)."),
 ) -> None:

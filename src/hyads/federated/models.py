@@ -47,15 +47,18 @@ def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | 
     epochs = epochs or s.local_epochs
     if isinstance(model, UNetAE):
         x = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data
-        AETrainer(epochs=epochs, lr=s.lr, batch_size=s.batch_size, crop=s.crop, input_noise=s.input_noise,
+        AETrainer(epochs=epochs, lr=s.lr or 1e-3, batch_size=s.batch_size, crop=s.crop, input_noise=s.input_noise,
                   patience=10**9, seed=seed, progress=False, max_images=s.max_local_images).fit(model, x)
         return
     g = torch.Generator().manual_seed(seed)
-    feats = torch.from_numpy(np.ascontiguousarray(data[: s.max_local_images], dtype=np.float32))
-    feats = feats.reshape(-1, feats.shape[-1])
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    opt = (torch.optim.SGD(model.parameters(), lr=s.lr or 0.01, momentum=0.9) if s.optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=s.lr or 1e-3))
     model.train()
     for _ in range(epochs):
+        # Like the U-Net trainer: each epoch a fresh random subset of at most max_local_images images.
+        pick = torch.randperm(len(data), generator=g)[: s.max_local_images or len(data)].sort().values.numpy()
+        feats = torch.from_numpy(np.ascontiguousarray(data[pick], dtype=np.float32))
+        feats = feats.reshape(-1, feats.shape[-1])
         order = torch.randperm(len(feats), generator=g)
         for i in range(0, len(order), 256):
             batch = feats[order[i : i + 256]]
