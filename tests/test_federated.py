@@ -210,3 +210,13 @@ def test_feature_ae_local_training_reduces_error() -> None:
     odd[0, 2, 2] = rng.normal(size=152) * 10  # a patch off the normal subspace
     scores, _ = anomaly_scores(model, odd)
     assert scores[0] > np.max(scores[1:])
+
+
+def test_privacy_command_prints_no_bound_for_few_clients() -> None:
+    from typer.testing import CliRunner
+
+    from hyads.cli import app
+
+    res = CliRunner().invoke(app, ["privacy", "--epsilon", "1", "--clients", "4", "--clients", "1000"])
+    assert res.exit_code == 0, res.output
+    assert "no bound" in res.output and "0.566" in res.output

@@ -466,6 +466,30 @@ def federate(
     console.print(res["privacy"]["summary"], highlight=False)
 
 
+@app.command()
+def privacy(
+    epsilon: list[float] = typer.Option([0.5, 1.0, 2.0, 4.0], help="Local eps0 per round (repeat)."),
+    clients: list[int] = typer.Option([4, 100, 1000, 10_000, 100_000, 1_000_000], help="Reports per shuffle (repeat)."),
+    rounds: int = typer.Option(1, help="Rounds to compose over."),
+    delta: float = typer.Option(1e-6, help="Central delta of the shuffle bound."),
+    delta0: float = typer.Option(0.0, help="Local delta0 of each report."),
+) -> None:
+    """Central epsilon after shuffling, per (eps0, number of clients): where amplification starts."""
+    from .federated.privacy import compose, shuffle_amplification
+
+    table = Table(title=f"central epsilon after shuffling (delta={delta:g}, {rounds} round(s))")
+    table.add_column("eps0")
+    for n in clients:
+        table.add_column(f"n={n:,}", justify="right")
+    for e in epsilon:
+        cells = []
+        for n in clients:
+            b = shuffle_amplification(e, n, delta, delta0)
+            cells.append(f"{compose(b.epsilon, b.delta_total, rounds)[0]:.3f}" if b.valid else "no bound")
+        table.add_row(f"{e:g}", *cells)
+    Console().print(table)
+
+
 @app.command("federate-server")
 @_friendly
 def federate_server(
