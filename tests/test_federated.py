@@ -220,3 +220,25 @@ def test_privacy_command_prints_no_bound_for_few_clients() -> None:
     res = CliRunner().invoke(app, ["privacy", "--epsilon", "1", "--clients", "4", "--clients", "1000"])
     assert res.exit_code == 0, res.output
     assert "no bound" in res.output and "0.566" in res.output
+
+
+def test_unet_ae_can_be_federated() -> None:
+    """The U-Net path: arrays round-trip (BatchNorm statistics included), local training changes them, and the
+    strategy knows which arrays are BatchNorm variances."""
+    from hyads.federated.fedshufde import flatten, get_arrays, set_arrays
+    from hyads.federated.flower import make_strategy
+    from hyads.federated.models import local_train, new_model
+
+    s = FedSettings(model="unet-ae", image_size=32, crop=32, max_local_images=4, clip=0.0)
+    model = new_model("unet-ae", 0)
+    start = get_arrays(model)
+    assert sum(a.size for a in start) == 459_299
+    imgs = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
+    local_train(model, imgs, s, seed=0)
+    update = flatten(get_arrays(model)) - flatten(start)
+    assert np.linalg.norm(update) > 0
+    other = new_model("unet-ae", 1)
+    set_arrays(other, get_arrays(model))
+    np.testing.assert_array_equal(flatten(get_arrays(other)), flatten(get_arrays(model)))
+    st = make_strategy(s, 1)
+    assert len(st.var_index) == 10  # every BatchNorm (5 double convs x 2) running variance is kept positive after noisy rounds
