@@ -50,8 +50,8 @@ def main() -> None:
                            max_test=args.max_test)
         results["sites"].append({"eps0": eps, "clip": 0.5, **r})
         save()
-    # Fleet: each client holds ~1-10 images; 5 local epochs per round so a round moves the model.
-    fleet = dict(model=args.model, image_size=128, crop=64, local_epochs=5, max_local_images=4, clip=0.5)
+    # Fleet: each client holds ~1-10 images; 20 local epochs (of <= 4 images) per round so a round moves the model.
+    fleet = dict(model=args.model, image_size=128, crop=64, local_epochs=20, max_local_images=4, clip=0.5)
     for n in (() if args.only == "sites" else (100, 1000)):
         for eps in (math.inf, 1.0):
             r = run_federation(roots, n, "iid", args.fleet_rounds, FedSettings(**fleet, eps0=eps, delta0=1e-9),
