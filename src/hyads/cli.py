@@ -428,6 +428,15 @@ def _fed_settings(image_size: int, epsilon: float, delta0: float, clip: float, c
 
 EPS_HELP = "Local epsilon per round (eps0) of the Gaussian mechanism; 'inf' = no noise."
 MODEL_HELP = "What is federated: feature-ae (small AE on frozen patch features) | unet-ae (image U-Net AE)."
+# Options every FedShufde party must agree on (simulation, server and clients share them).
+FED_MODEL = typer.Option("feature-ae", help=MODEL_HELP)
+FED_EPSILON = typer.Option(float("inf"), help=EPS_HELP)
+FED_DELTA0 = typer.Option(1e-6, help="Local delta0 of the Gaussian mechanism.")
+FED_CLIP = typer.Option(0.5, help="L2 clip bound C of an update (0 = none, only without noise).")
+FED_CHUNKS = typer.Option(1, help="Reports per update, shuffled independently.")
+FED_LOCAL_EPOCHS = typer.Option(1, help="Local epochs per round.")
+FED_MAX_LOCAL = typer.Option(16, help="Images per site per local epoch.")
+FED_IMAGE_SIZE = typer.Option(128, help="Image size.")
 
 
 @app.command()
@@ -435,18 +444,18 @@ MODEL_HELP = "What is federated: feature-ae (small AE on frozen patch features) 
 def federate(
     data: list[Path] = typer.Option(..., "--data", help="Dataset folder(s) whose normal images are spread over the clients (repeat)."),
     clients: int = typer.Option(4, help="Number of simulated sites."),
-    model: str = typer.Option("feature-ae", help=MODEL_HELP),
+    model: str = FED_MODEL,
     split: str = typer.Option("by-folder", help="iid | by-folder | dirichlet."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (split=dirichlet)."),
     rounds: int = typer.Option(5, help="Federated rounds."),
-    epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
-    delta0: float = typer.Option(1e-6, help="Local delta0 of the Gaussian mechanism."),
-    clip: float = typer.Option(0.5, help="L2 clip bound C of an update (0 = none, only without noise)."),
-    chunks: int = typer.Option(1, help="Reports per update, shuffled independently."),
-    local_epochs: int = typer.Option(1, help="Local AE epochs per round."),
-    max_local_images: int = typer.Option(16, help="Images per client per local epoch."),
+    epsilon: float = FED_EPSILON,
+    delta0: float = FED_DELTA0,
+    clip: float = FED_CLIP,
+    chunks: int = FED_CHUNKS,
+    local_epochs: int = FED_LOCAL_EPOCHS,
+    max_local_images: int = FED_MAX_LOCAL,
     fraction_fit: float = typer.Option(1.0, help="Share of clients sampled each round."),
-    image_size: int = typer.Option(128, help="Image size for the AE."),
+    image_size: int = FED_IMAGE_SIZE,
     compare_central: bool = typer.Option(False, "--compare-central", help="Also train the same AE centrally on pooled data."),
     max_test: int = typer.Option(0, help="Evaluate on at most N test images per dataset (0 = all)."),
     out: Path = typer.Option(Path("runs") / "federate", "--out", "-o", help="Folder for federation.json."),
@@ -495,13 +504,13 @@ def privacy(
 def federate_server(
     address: str = typer.Option("127.0.0.1:8089", help="host:port to listen on."),
     clients: int = typer.Option(2, help="Sites expected each round."),
-    model: str = typer.Option("feature-ae", help=MODEL_HELP),
+    model: str = FED_MODEL,
     rounds: int = typer.Option(2, help="Rounds."),
-    epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
-    delta0: float = typer.Option(1e-6, help="Local delta0."),
-    clip: float = typer.Option(0.5, help="L2 clip bound C."),
-    chunks: int = typer.Option(1, help="Reports per update."),
-    image_size: int = typer.Option(128, help="Image size for the AE."),
+    epsilon: float = FED_EPSILON,
+    delta0: float = FED_DELTA0,
+    clip: float = FED_CLIP,
+    chunks: int = FED_CHUNKS,
+    image_size: int = FED_IMAGE_SIZE,
     round_timeout: Optional[float] = typer.Option(None, help="Seconds before a round closes without late sites."),
     out: Path = typer.Option(Path("runs") / "federate-server", "--out", "-o", help="Folder for server.json and the global AE."),
     seed: int = typer.Option(0, help="Seed (must match the clients')."),
@@ -520,14 +529,14 @@ def federate_client(
     data: Path = typer.Option(..., "--data", help="This site's dataset folder (its normal images are used)."),
     address: str = typer.Option("127.0.0.1:8089", help="Server host:port."),
     site: int = typer.Option(0, help="Site number (seeds local training)."),
-    model: str = typer.Option("feature-ae", help=MODEL_HELP),
-    epsilon: float = typer.Option(float("inf"), help=EPS_HELP),
-    delta0: float = typer.Option(1e-6, help="Local delta0."),
-    clip: float = typer.Option(0.5, help="L2 clip bound C."),
-    chunks: int = typer.Option(1, help="Reports per update."),
-    local_epochs: int = typer.Option(1, help="Local epochs per round."),
-    max_local_images: int = typer.Option(16, help="Images per local epoch."),
-    image_size: int = typer.Option(128, help="Image size for the AE."),
+    model: str = FED_MODEL,
+    epsilon: float = FED_EPSILON,
+    delta0: float = FED_DELTA0,
+    clip: float = FED_CLIP,
+    chunks: int = FED_CHUNKS,
+    local_epochs: int = FED_LOCAL_EPOCHS,
+    max_local_images: int = FED_MAX_LOCAL,
+    image_size: int = FED_IMAGE_SIZE,
     seed: int = typer.Option(0, help="Seed (must match the server's)."),
 ) -> None:
     """Run one site of a FedShufde federation as its own process."""
