@@ -129,6 +129,10 @@ def run_federation(roots: list[Path], n_clients: int, split: str, rounds: int, s
                    failing: frozenset[int] = frozenset(), log=print) -> dict[str, Any]:
     from .flower import run_simulation
 
+    if split not in SPLITS:  # before the slow part
+        raise HyADSError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
+    if n_clients < 1:
+        raise HyADSError("--clients must be at least 1")
     t0 = time.perf_counter()
     sources = load_sources(roots, settings.image_size, settings.seed, max_test, settings.model)
     clients = partition(sources, n_clients, split, alpha, settings.seed)
