@@ -113,3 +113,34 @@ def test_neu_seg_small_fit_finds_defects(neu) -> None:
     res = evaluate_segmentation(model, ds.splits["test"][:48], ds.classes)
     assert res["binary_iou"] > 0.4, res
     assert res["miou_defect_classes"] > 0.25, res
+
+
+def test_segment_command_on_a_voc_layout_folder(tmp_path) -> None:
+    """`hyads segment` end to end on a small synthetic set in the Pascal-VOC layout."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hyads.cli import app
+
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    ims, ms = _labelled(16, 3, size=64)
+    stems = [f"{i:03d}" for i in range(16)]
+    for stem, im, m in zip(stems, ims, ms):
+        Image.fromarray((im * 255).astype(np.uint8)).save(root / "JPEGImages" / f"{stem}.png")
+        Image.fromarray(m).save(root / "SegmentationClass" / f"{stem}.png")
+    for name, part in (("train", stems[:10]), ("val", stems[10:13]), ("test", stems[13:])):
+        (root / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(part) + "\n")
+    (root / "classes.txt").write_text("scratch\nspot\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["segment", str(root), "--out", str(out), "--detectors", "patchcore",
+                                   "--image-size", "64", "--epochs", "2", "--ratio", "0.2"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]["per_class_iou"]) == {"background", "scratch", "spot"}
+    assert metrics["n_train"] == 10 and metrics["test"]["n_images"] == 3
+    assert (out / "model" / "model.json").exists() and "mean IoU" in (out / "results.md").read_text()
