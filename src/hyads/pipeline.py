@@ -301,12 +301,12 @@ class HyADS:
             self._fusion_search = (search_maps, search_labels, search_masks, normal_maps)
 
         if val_images:
-            scores = self.score_samples(val_images)
+            val_maps = self.anomaly_map(val_images)
+            scores = val_maps.reshape(len(val_maps), -1).max(1)
             labels = np.asarray(val_labels if val_labels is not None else [0] * len(scores))
             if mval is not None and not (labels == 0).any():
                 # No defect-free validation image: pixel-level F1-max between normal and defect pixels.
-                self.calibration_, self.normal_scores_ = _calibrate_pixels(self.anomaly_map(val_images), mval,
-                                                                           c.seed)
+                self.calibration_, self.normal_scores_ = _calibrate_pixels(val_maps, mval, c.seed)
                 labels = None
             elif labels.shape != scores.shape or not (labels == 0).any():
                 raise HyADSError("validation labels must give one 0/1 label per image, with at least one normal (0)")
@@ -357,10 +357,10 @@ class HyADS:
         self.texture_reservoir_ = res
         self._texture_index = None
 
-    def _texture_maps(self, rgb: np.ndarray) -> np.ndarray:
+    def _texture_maps(self, rgb: np.ndarray, desc: np.ndarray | None = None) -> np.ndarray:
         if getattr(self, "_texture_index", None) is None:
             self._texture_index = NearestNeighbourIndex(self.texture_reservoir_.filled, "flat")
-        d = tex.batch_descriptors(rgb)
+        d = tex.batch_descriptors(rgb) if desc is None else desc
         b, g = d.shape[0], d.shape[1]
         z = ((d - self.texture_mean_) / self.texture_std_).reshape(-1, tex.DIM)
         return self._upsample_smooth(self._texture_index.search(z).reshape(b, 1, g, g))
@@ -386,14 +386,16 @@ class HyADS:
             err = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in err])
         return err.astype(np.float32)
 
-    def _detector_maps(self, rgb: np.ndarray, patches: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Raw maps of every fitted detector for one batch of decoded images."""
+    def _detector_maps(self, rgb: np.ndarray, patches: np.ndarray | None = None,
+                       desc: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Raw maps of every fitted detector for one batch of decoded images (patch features and texture
+        descriptors may be passed in when the caller already computed them)."""
         out: dict[str, np.ndarray] = {}
         for d in self.detectors:
             if d == "patchcore":
                 out[d] = self._maps_from_patches(self._patches(rgb) if patches is None else patches)
             elif d == "texture":
-                out[d] = self._texture_maps(rgb)
+                out[d] = self._texture_maps(rgb, desc)
             else:
                 out[d] = self._ae_maps(rgb)
         return out
@@ -501,7 +503,8 @@ class HyADS:
     def _seg_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Head inputs for one batch: grid (B, Cg, g, g) and low (B, Cl, S/4, S/4), float16."""
         c = self.config
-        grid = [tex.batch_descriptors(rgb).transpose(0, 3, 1, 2)]
+        desc = tex.batch_descriptors(rgb)
+        grid = [desc.transpose(0, 3, 1, 2)]
         patches = None
         if "patchcore" in self.detectors or c.seg_features:
             if getattr(self, "backbone_", None) is None:
@@ -509,7 +512,7 @@ class HyADS:
             patches = self._patches(rgb)
             if c.seg_features:
                 grid.append(patches.transpose(0, 3, 1, 2))
-        maps = self._detector_maps(rgb, patches)
+        maps = self._detector_maps(rgb, patches, desc)
         low = np.concatenate([tex.to_gray(rgb)[:, None], np.stack([maps[d] for d in self.detectors], 1)], 1)
         low = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)), 4).numpy()
         return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
