@@ -242,3 +242,84 @@ def test_unet_ae_can_be_federated() -> None:
     np.testing.assert_array_equal(flatten(get_arrays(other)), flatten(get_arrays(model)))
     st = make_strategy(s, 1)
     assert len(st.var_index) == 10  # every BatchNorm (5 double convs x 2) running variance is kept positive after noisy rounds
+
+
+def _fake_site(seed: int, n: int = 12, shift: float = 0.0):
+    """A site's fusion evidence without fitting anything: map "good" lights up on the defect mask, map
+    "noise" is pure noise; half the images carry a (synthetic) defect. Maps in each site's own raw units."""
+    from types import SimpleNamespace
+
+    from hyads.fusion import map_stats
+
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 16, 16), bool)
+    masks[n // 2 :, 4:8, 4:8] = True
+    blocks = np.ones((1, 4, 4))  # noise constant over the search's 4x4 blocks, so averaging keeps it
+    good = np.kron(rng.normal(shift, 1.0, (n, 4, 4)), blocks) + 2.0 * masks
+    noise = np.kron(rng.normal(0.0, 3.0, (n, 4, 4)), blocks)
+    labels = np.r_[np.zeros(n // 2), np.ones(n - n // 2)]
+    maps = {"good": good.astype(np.float32), "noise": noise.astype(np.float32)}
+    stats = {k: map_stats(v[labels == 0]) for k, v in maps.items()}
+    return SimpleNamespace(detectors=["good", "noise"], config=SimpleNamespace(fusion_step=0.1), map_stats_=stats,
+                           _fusion_search=(maps, labels, masks, None), fit_info_={})
+
+
+def test_federated_fusion_statistics_recover_weights_and_threshold() -> None:
+    """Pooled histograms pick the informative map (as the local search does) and a threshold that is the
+    pooled normal-score quantile up to the bin width; noise in the uploads is clamped, not fatal."""
+    from hyads.federated.calibration import BINS, combine, edges, site_statistics
+    from hyads.fusion import fuse, search_weights
+
+    sites = [_fake_site(s, shift=3.0 * s) for s in range(3)]  # different raw scales per site
+    up = [site_statistics(m) for m in sites]
+    assert all(abs(np.linalg.norm(u)) <= math.sqrt(2 * 11) + 1e-5 for u in up)
+    cal = combine(np.mean(up, 0), ["good", "noise"], 0.1, quantile=0.9)
+    assert cal.weights["good"] >= 0.8
+    local = search_weights(*[sites[0]._fusion_search[i] for i in (0,)], sites[0].map_stats_,
+                           sites[0]._fusion_search[1], sites[0]._fusion_search[2], 0.1)[0]
+    assert local["good"] >= 0.8
+    # Threshold vs the exact quantile of the pooled normal image scores at the chosen weights.
+    pooled = np.concatenate([fuse(m._fusion_search[0], cal.weights, m.map_stats_)[m._fusion_search[1] == 0]
+                             .reshape(6, -1).max(1) for m in sites])
+    e = np.arcsinh(edges())
+    width = float(np.max(np.diff(e)))
+    assert abs(math.asinh(cal.threshold) - math.asinh(np.quantile(pooled, 0.9))) <= 2 * width
+    noisy = np.mean(up, 0) + np.random.default_rng(0).normal(0, 1e-3, len(up[0]))
+    assert combine(noisy, ["good", "noise"], 0.1).weights["good"] >= 0.5
+    with pytest.raises(Exception, match="expected"):
+        combine(np.zeros(10), ["good", "noise"], 0.1)
+    assert len(up[0]) == 11 * 4 * BINS
+
+
+def test_federated_calibration_over_flower_installs_weights() -> None:
+    """The stats job runs as one Flower round (clip, shuffler, validator) and installs the result."""
+    from hyads.federated.calibration import federated_calibration
+
+    sites = [_fake_site(s) for s in range(2)]
+    cal, log = federated_calibration(sites)
+    assert log["rounds"][0]["reports"] == 2 and not log["rounds"][0]["rejected"]
+    assert all(m.weights_ == cal.weights for m in sites) and cal.weights["good"] >= 0.8
+    assert all(m.calibration_.threshold == cal.threshold for m in sites)
+
+
+def test_federate_fusion_command_saves_site_models_with_the_shared_calibration(tmp_path: Path) -> None:
+    """`hyads federate --model fusion`: each site fits texture + PatchCore on its own images; the saved site
+    models carry the federation's weights and threshold (the same at every site) and still predict."""
+    from typer.testing import CliRunner
+
+    from hyads import HyADS
+    from hyads.cli import app
+    from hyads.data.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", n_train=24, n_test_good=2, n_test_per_defect=1, size=64, seed=0)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["federate", "--model", "fusion", "--data", str(root), "--clients", "2",
+                                   "--split", "iid", "--image-size", "64", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "calibration.json").read_text())
+    assert r["job"]["rounds"][0]["reports"] == 2 and r["images_per_site"] == [12, 12]
+    models = [HyADS.load(out / f"site{i}") for i in range(2)]
+    assert all(m.weights_ == r["federated"]["weights"] for m in models)
+    assert all(m.calibration_.threshold == pytest.approx(r["federated"]["threshold"]) for m in models)
+    assert "federated" in models[0].calibration_.method
+    assert models[0].predict([next((root / "test" / "good").iterdir())]).shape == (1,)

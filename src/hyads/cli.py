@@ -421,14 +421,16 @@ def _fed_settings(image_size: int, epsilon: float, delta0: float, clip: float, c
         raise HyADSError("local noise needs --clip > 0")
     from .federated.models import MODELS
 
-    if model not in MODELS:
-        raise HyADSError(f"--model {model!r}: use {', '.join(MODELS)}")
+    if model not in (*MODELS, "fusion"):
+        raise HyADSError(f"--model {model!r}: use {', '.join((*MODELS, 'fusion'))}")
     return FedSettings(model=model, image_size=image_size, eps0=epsilon, delta0=delta0, clip=clip, chunks=chunks,
                        local_epochs=local_epochs, max_local_images=max_local_images, seed=seed)
 
 
 EPS_HELP = "Local epsilon per round (eps0) of the Gaussian mechanism; 'inf' = no noise."
-MODEL_HELP = "What is federated: feature-ae (small AE on frozen patch features) | unet-ae (image U-Net AE)."
+MODEL_HELP = ("What is federated: feature-ae (small AE on frozen patch features) | unet-ae (image U-Net AE) | "
+              "seg-head (segmentation head; --data is one pixel-labelled VOC-layout folder) | fusion (fusion "
+              "weights + threshold of every site's HyADS, one round; site models saved under --out).")
 # Options every FedShufde party must agree on (simulation, server and clients share them).
 FED_MODEL = typer.Option("feature-ae", help=MODEL_HELP)
 FED_EPSILON = typer.Option(float("inf"), help=EPS_HELP)
@@ -446,7 +448,7 @@ def federate(
     data: list[Path] = typer.Option(..., "--data", help="Dataset folder(s) whose normal images are spread over the clients (repeat)."),
     clients: int = typer.Option(4, help="Number of simulated sites."),
     model: str = FED_MODEL,
-    split: str = typer.Option("by-folder", help="iid | by-folder | dirichlet."),
+    split: str = typer.Option("by-folder", help="iid | by-folder | dirichlet (seg-head: groups are dominant defect classes)."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (split=dirichlet)."),
     rounds: int = typer.Option(5, help="Federated rounds."),
     epsilon: float = FED_EPSILON,
@@ -462,10 +464,30 @@ def federate(
     out: Path = typer.Option(Path("runs") / "federate", "--out", "-o", help="Folder for federation.json."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """FedShufde simulation on this machine (Flower + Ray): AE trained across sites with LDP + shuffling."""
+    """FedShufde simulation on this machine (Flower + Ray): a model (or the fusion weights and threshold)
+    trained across sites with LDP + shuffling."""
     from .federated.runner import run_federation
 
     s = _fed_settings(image_size, epsilon, delta0, clip, chunks, local_epochs, max_local_images, seed, model)
+    if model == "fusion":
+        from .federated.calibration import run_calibration_federation
+
+        run_calibration_federation(list(data), clients, split, alpha, epsilon, delta0, {"image_size": image_size},
+                                   seed, out, log=console.print)
+        console.print(f"site models with the federated weights and threshold: {out}/site<i>")
+        return
+    if model == "seg-head":
+        from .federated.segfed import run_seg_federation
+
+        if len(data) != 1:
+            raise HyADSError("--model seg-head takes exactly one --data folder (VOC layout, with masks)")
+        res = run_seg_federation(data[0], clients, split, rounds, s,
+                                 {"image_size": image_size, "detectors": ["texture", "patchcore"], "seed": seed},
+                                 alpha, max_test=max_test, baselines=compare_central, out=out, log=console.print)
+        console.print(f"{res['seconds_per_round']:.1f} s per round, "
+                      f"{res['bytes_uploaded_per_client_per_round'] / 1e6:.2f} MB uploaded per client per round")
+        console.print(res["privacy"]["summary"], highlight=False)
+        return
     res = run_federation(list(data), clients, split, rounds, s, alpha, fraction_fit, compare_central, out,
                          max_test, log=console.print)
     console.print(f"federated {model} image AUROC: {res['federated']}")

@@ -54,6 +54,17 @@ def _downsample(maps: np.ndarray, factor: int) -> np.ndarray:
     return maps[:, : h - h % factor, : w - w % factor].reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
 
 
+def search_inputs(maps: Mapping[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | None,
+                  downsample: int = 4) -> tuple[Mapping[str, np.ndarray], np.ndarray, bool]:
+    """What the weight search scores: (maps, target, pixel-level?). Pixel level when masks hold defects:
+    maps averaged over `downsample` blocks and a block is positive if any of its pixels is; else image labels."""
+    use_pixels = masks is not None and bool(masks.any())
+    if not use_pixels:
+        return maps, np.asarray(labels), False
+    small = {k: _downsample(v, downsample) for k, v in maps.items()}
+    return small, _downsample(masks.astype(np.float32), downsample) > 0, True
+
+
 def search_weights(
     maps: Mapping[str, np.ndarray],
     stats: Mapping[str, tuple[float, float]],
@@ -70,9 +81,7 @@ def search_weights(
     names = sorted(maps)
     if len(names) == 1:
         return {names[0]: 1.0}, float("nan"), "single map"
-    use_pixels = masks is not None and masks.any()
-    small = {k: _downsample(v, downsample) for k, v in maps.items()} if use_pixels else maps
-    target = _downsample(masks.astype(np.float32), downsample) > 0 if use_pixels else np.asarray(labels)
+    small, target, use_pixels = search_inputs(maps, labels, masks, downsample)
     best, best_w = -1.0, None
     for w in simplex_grid(names, step):
         fused = fuse(small, w, stats)

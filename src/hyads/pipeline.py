@@ -469,22 +469,7 @@ class HyADS:
         if y.max() > len(classes):
             raise HyADSError(f"masks contain class {int(y.max())} but only {len(classes)} classes are named")
         c.seg_classes = classes
-        rng = np.random.default_rng(c.seed)
-        if c.seg_crossfit and len(images) >= 4:
-            order = rng.permutation(len(images))
-            a, b = np.sort(order[::2]), np.sort(order[1::2])
-            other = HyADS(c)
-            other.progress = self.progress
-            other.fit([images[i] for i in b], masks=list(y[b]))
-            self.fit([images[i] for i in a], masks=list(y[a]))
-            ga, la = other.segmentation_inputs([images[i] for i in a])
-            gb, lb = self.segmentation_inputs([images[i] for i in b])
-            grid, low = np.concatenate([ga, gb]), np.concatenate([la, lb])
-            y = np.concatenate([y[a], y[b]])
-            del other
-        else:
-            self.fit(images, masks=list(y))
-            grid, low = self.segmentation_inputs(images)
+        grid, low, y = self.fit_segmentation_inputs(images, y)
         val = None
         if val_images is not None and val_masks is not None and len(val_images):
             gv, lv = self.segmentation_inputs(list(val_images))
@@ -499,6 +484,24 @@ class HyADS:
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
                                           "history": trainer.history_}
         return self
+
+    def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fit the unsupervised detectors on the normal pixels of labelled images and return the head's
+        training inputs (grid, low, class maps y in the same order). With `seg_crossfit` (and >= 4 images)
+        each half's inputs come from detectors fitted on the other half; this model keeps the first half's."""
+        c = self.config
+        if c.seg_crossfit and len(images) >= 4:
+            order = np.random.default_rng(c.seed).permutation(len(images))
+            a, b = np.sort(order[::2]), np.sort(order[1::2])
+            other = HyADS(c)
+            other.progress = self.progress
+            other.fit([images[i] for i in b], masks=list(y[b]))
+            self.fit([images[i] for i in a], masks=list(y[a]))
+            ga, la = other.segmentation_inputs([images[i] for i in a])
+            gb, lb = self.segmentation_inputs([images[i] for i in b])
+            return np.concatenate([ga, gb]), np.concatenate([la, lb]), np.concatenate([y[a], y[b]])
+        self.fit(images, masks=list(y))
+        return (*self.segmentation_inputs(images), y)
 
     def _seg_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Head inputs for one batch: grid (B, Cg, g, g) and low (B, Cl, S/4, S/4), float16."""

@@ -27,19 +27,22 @@ def evaluate_segmentation(model: HyADS, pairs: list[tuple[Path, Path]], classes:
     else:
         pred = [model.predict_labels([p], size=g.shape)[0] for (p, _), g in zip(pairs, gts)]
     seconds = time.perf_counter() - t0
+    return {**segmentation_scores(pred, gts, classes), "images_per_second": len(pairs) / seconds}
+
+
+def segmentation_scores(pred: list[np.ndarray] | np.ndarray, gts: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
+    """Per-class IoU (all pixels pooled), mean IoU over defect classes and with background, binary IoU/Dice."""
     flat_p = np.concatenate([np.ravel(p) for p in pred])
-    flat_t = np.concatenate([g.ravel() for g in gts])
-    n = len(classes) + 1
-    ious = M.class_iou(flat_p, flat_t, n)
+    flat_t = np.concatenate([np.ravel(g) for g in gts])
+    ious = M.class_iou(flat_p, flat_t, len(classes) + 1)
     return {
-        "n_images": len(pairs),
+        "n_images": len(gts),
         "per_class_iou": {name: float(v) for name, v in zip(["background", *classes], ious)},
         "miou_defect_classes": float(np.nanmean(ious[1:])),
         "miou_with_background": float(np.nanmean(ious)),
         "binary_iou": M.iou(flat_p > 0, flat_t > 0),
         "binary_dice": M.dice(flat_p > 0, flat_t > 0),
         "pixel_accuracy": float((flat_p == flat_t).mean()),
-        "images_per_second": len(pairs) / seconds,
     }
 
 

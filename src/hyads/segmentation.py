@@ -104,24 +104,9 @@ class SegHeadTrainer:
         bar = tqdm(range(self.epochs), desc="segmentation head", unit="epoch", disable=not self.progress,
                    leave=False)
         for epoch in bar:
-            head.train()
-            order = torch.randperm(len(low), generator=gen)
-            total = 0.0
-            for i in range(0, len(order), self.batch_size):
-                idx = order[i : i + self.batch_size].numpy()
-                g = torch.from_numpy(grid[idx].astype(np.float32))
-                lo = torch.from_numpy(low[idx].astype(np.float32))
-                t = torch.from_numpy(target[idx].astype(np.int64))
-                for dim in (-1, -2):  # random flips of inputs and target together
-                    if torch.rand(1, generator=gen).item() < 0.5:
-                        g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
-                loss = seg_loss(upsample_logits(head(g, lo), t.shape[-2:]), t)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
+            loss = train_epoch(head, grid, low, target, opt, gen, self.batch_size)
             sched.step()
-            record = {"epoch": epoch + 1, "train_loss": total / len(order)}
+            record = {"epoch": epoch + 1, "train_loss": loss}
             if val is not None:
                 pred = predict_labels(head, val[0], val[1], val[2].shape[-2:])
                 ious = M.class_iou(pred, val[2], n_classes)
@@ -137,6 +122,30 @@ class SegHeadTrainer:
                     break
         head.load_state_dict(best_state)
         return head.eval()
+
+
+def train_epoch(head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.ndarray,
+                optimizer: torch.optim.Optimizer, gen: torch.Generator, batch_size: int = 16) -> float:
+    """One pass over cached inputs in seeded random order with random flips; returns the mean loss.
+    Shared by the central trainer and federated local training."""
+    head.train()
+    order = torch.randperm(len(low), generator=gen)
+    total = 0.0
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size].numpy()
+        g = torch.from_numpy(grid[idx].astype(np.float32))
+        lo = torch.from_numpy(low[idx].astype(np.float32))
+        t = torch.from_numpy(target[idx].astype(np.int64))
+        for dim in (-1, -2):  # random flips of inputs and target together
+            if torch.rand(1, generator=gen).item() < 0.5:
+                g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
+        loss = seg_loss(upsample_logits(head(g, lo), t.shape[-2:]), t)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    head.eval()
+    return total / max(1, len(order))
 
 
 @torch.inference_mode()

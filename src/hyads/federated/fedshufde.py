@@ -31,17 +31,20 @@ log = logging.getLogger("hyads.federated")
 class FedSettings:
     """Everything clients and server must agree on (saved with the results)."""
 
-    model: str = "feature-ae"  # or "unet-ae" (see federated/models.py)
+    model: str = "feature-ae"  # or "unet-ae", "seg-head", "stats" (see federated/models.py)
+    # Sizes the model needs from the data: seg-head (grid channels, low channels, outputs, width);
+    # stats (vector length). Empty for the autoencoders.
+    shape: tuple[int, ...] = ()
     image_size: int = 128
     crop: int = 64
     local_epochs: int = 1
     max_local_images: int = 16  # images per client per local epoch (bounds a round's cost on big sites)
     batch_size: int = 8
-    # Local optimiser. 0 = the model's default: SGD (momentum 0.9) lr 0.01 for the feature AE (measured: with
-    # Adam restarted every round, FedAvg on non-IID sites settled far from the centralised optimum), Adam 1e-3
-    # for the U-Net (its usual trainer).
+    # Local optimiser. ""/0 = the model's default: SGD (momentum 0.9) lr 0.01 for the feature AE (measured:
+    # with Adam restarted every round, FedAvg on non-IID sites settled far from the centralised optimum),
+    # Adam 1e-3 for the U-Net and the segmentation head (their usual trainers).
     lr: float = 0.0
-    optimizer: str = "sgd"
+    optimizer: str = ""
     input_noise: float = 0.1
     clip: float = 1.0  # L2 bound C on an update; 0 = no clipping (only with eps0 = inf)
     eps0: float = math.inf  # local epsilon per round; inf = no noise

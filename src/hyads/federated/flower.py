@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .models import local_train, new_model
-from .fedshufde import (FedSettings, Shuffler, UpdateValidator, aggregate, chunk_sizes, flatten, float_keys,
-                        get_arrays, privatise, set_arrays, unflatten)
+from .fedshufde import (FedSettings, Shuffler, UpdateValidator, aggregate, chunk_sizes, flatten, get_arrays,
+                        privatise, set_arrays, unflatten)
+from .models import initial_arrays, local_train, new_model
 
 log = logging.getLogger("hyads.federated")
 
@@ -29,23 +29,27 @@ def _client_class():
     from flwr.client import NumPyClient
 
     class FedShufdeClient(NumPyClient):
-        """One site: holds its normal images (uint8, never sent), returns privatised update chunks."""
+        """One site: holds its data (images, features, head inputs or statistics; never sent) and returns
+        privatised update chunks."""
 
-        def __init__(self, images: np.ndarray, settings: FedSettings, site: int, fail: bool = False):
-            self.images, self.s, self.site, self.fail = images, settings, site, fail
-            self.model = new_model(settings.model, settings.seed)
+        def __init__(self, data: Any, settings: FedSettings, site: int, fail: bool = False):
+            self.data, self.s, self.site, self.fail = data, settings, site, fail
+            self.model = None if settings.model == "stats" else new_model(settings.model, settings.seed, settings.shape)
 
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-            return get_arrays(self.model)
+            return initial_arrays(self.s)[0] if self.model is None else get_arrays(self.model)
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
             if self.fail:  # simulates a site that drops out in the middle of a round
                 raise ConnectionError(f"site {self.site} dropped out")
             rnd = int(config.get("round", 0))
-            set_arrays(self.model, parameters)
             start = flatten(parameters)
-            local_train(self.model, self.images, self.s, seed=self.s.seed + 1000 * rnd + self.site)
-            update = flatten(get_arrays(self.model)) - start
+            if self.model is None:  # stats job: the "update" moves the zero start to this site's statistics
+                update = np.asarray(self.data["stats"], np.float32) - start
+            else:
+                set_arrays(self.model, parameters)
+                local_train(self.model, self.data, self.s, seed=self.s.seed + 1000 * rnd + self.site)
+                update = flatten(get_arrays(self.model)) - start
             # Noise from the OS, not the experiment seed: a server that knows the seed could subtract it.
             rng = np.random.default_rng()
             chunks, _ = privatise(update, self.s, rng)
@@ -54,8 +58,8 @@ def _client_class():
     return FedShufdeClient
 
 
-def make_client(images: np.ndarray, settings: FedSettings, site: int, fail: bool = False):
-    return _client_class()(images, settings, site, fail)
+def make_client(data: Any, settings: FedSettings, site: int, fail: bool = False):
+    return _client_class()(data, settings, site, fail)
 
 
 @dataclass
@@ -78,9 +82,7 @@ def make_strategy(settings: FedSettings, n_clients: int, fraction_fit: float = 1
         """FedAvg whose aggregation sees only shuffled, anonymous, validated chunk reports."""
 
         def __init__(self) -> None:
-            model = new_model(settings.model, settings.seed)
-            self.global_arrays = get_arrays(model)
-            self.var_index = [i for i, k in enumerate(float_keys(model)) if k.endswith("running_var")]
+            self.global_arrays, self.var_index = initial_arrays(settings)
             dim = sum(a.size for a in self.global_arrays)
             self.sizes = chunk_sizes(dim, settings.chunks)
             self.shuffler = Shuffler(settings.chunks)
@@ -135,11 +137,11 @@ def make_strategy(settings: FedSettings, n_clients: int, fraction_fit: float = 1
     return FedShufdeStrategy()
 
 
-def run_simulation(client_images: list[np.ndarray], settings: FedSettings, rounds: int,
+def run_simulation(client_data: list[Any], settings: FedSettings, rounds: int,
                    fraction_fit: float = 1.0, evaluate: Callable | None = None, eval_every: int = 0,
                    failing: frozenset[int] = frozenset(), num_cpus: int = 2):
-    """A Flower (Ray) simulation with one virtual client per entry of `client_images`; returns the strategy
-    (global model arrays, per-round logs, evaluations)."""
+    """A Flower (Ray) simulation with one virtual client per entry of `client_data` (an array, or a dict of
+    arrays); returns the strategy (global model arrays, per-round logs, evaluations)."""
     import flwr
     from flwr.server import ServerConfig
     from flwr.simulation import start_simulation
@@ -147,19 +149,29 @@ def run_simulation(client_images: list[np.ndarray], settings: FedSettings, round
     import shutil
     import tempfile
 
-    n = len(client_images)
+    n = len(client_data)
     strategy = make_strategy(settings, n, fraction_fit, evaluate, eval_every)
-    # Each site's images go to its own .npy file: the client function then carries only a path (Ray would
-    # otherwise pickle every site's images into every client call).
+    # Each site's data goes to its own .npy/.npz file: the client function then carries only a path (Ray
+    # would otherwise pickle every site's data into every client call).
     tmp = Path(tempfile.mkdtemp(prefix="hyads-fed-"))
     paths = []
-    for i, imgs in enumerate(client_images):
-        paths.append(str(tmp / f"site{i}.npy"))
-        np.save(paths[-1], imgs)
+    for i, data in enumerate(client_data):
+        if isinstance(data, dict):
+            paths.append(str(tmp / f"site{i}.npz"))
+            np.savez(paths[-1], **data)
+        else:
+            paths.append(str(tmp / f"site{i}.npy"))
+            np.save(paths[-1], data)
+
+    def load(path: str) -> Any:
+        if path.endswith(".npz"):
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        return np.load(path)
 
     def client_fn(context: Any):
         pid = int(context.node_config["partition-id"])
-        return make_client(np.load(paths[pid]), settings, pid, pid in failing).to_client()
+        return make_client(load(paths[pid]), settings, pid, pid in failing).to_client()
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:

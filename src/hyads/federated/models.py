@@ -1,14 +1,17 @@
-"""What a federation trains: the U-Net image autoencoder, or a small autoencoder over PatchCore's frozen
-patch features.
+"""What a federation trains: the U-Net image autoencoder, a small autoencoder over PatchCore's frozen
+patch features, or the segmentation head (on inputs each site computes with its own detectors).
 
 Why the second one: under local DP the noise norm grows with sqrt(#parameters). The U-Net has 459k
 parameters and its image AUROC is weak even centrally (docs/RESULTS.md); the feature autoencoder
 (152 -> 64 -> 16 -> 64 -> 152, 22k parameters) sits on the same pretrained features that make PatchCore
 strong, so it detects defects and needs 21x less noise norm for the same (eps0, delta0).
-Both are pure nn.Modules; sites hold uint8 images (unet-ae) or float16 patch features (feature-ae).
+All are pure nn.Modules; sites hold uint8 images (unet-ae), float16 patch features (feature-ae) or cached
+head inputs with class maps (seg-head). A "stats" job (federated/calibration.py) has no model at all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +20,9 @@ from scipy import ndimage
 from torch import nn
 
 from ..detectors.autoencoder import AETrainer, UNetAE, error_map
+from ..segmentation import SegHead, train_epoch
 
-MODELS = ("unet-ae", "feature-ae")
+MODELS = ("unet-ae", "feature-ae", "seg-head")
 
 
 class FeatureAE(nn.Module):
@@ -33,26 +37,56 @@ class FeatureAE(nn.Module):
         return self.dec(self.enc(x))
 
 
-def new_model(kind: str, seed: int) -> nn.Module:
+def new_model(kind: str, seed: int, shape: Sequence[int] = ()) -> nn.Module:
+    """A freshly initialised model; `shape` = (grid channels, low channels, outputs, width) for seg-head."""
     torch.manual_seed(seed)
     if kind == "unet-ae":
         return UNetAE(skips=(2,))
     if kind == "feature-ae":
         return FeatureAE()
+    if kind == "seg-head":
+        if len(shape) != 4:
+            raise ValueError(f"seg-head needs shape (grid channels, low channels, outputs, width), got {tuple(shape)}")
+        cg, cl, n_out, width = (int(v) for v in shape)
+        return SegHead(cg, cl, n_out, width)
     raise ValueError(f"unknown federated model {kind!r}: use {', '.join(MODELS)}")
+
+
+def initial_arrays(s) -> tuple[list[np.ndarray], list[int]]:
+    """The global parameters a federation starts from (s: FedSettings) and which of them are BatchNorm
+    running variances (kept positive by the server). A "stats" job starts from a zero vector."""
+    from .fedshufde import float_keys, get_arrays
+
+    if s.model == "stats":
+        if len(s.shape) != 1:
+            raise ValueError(f"a stats job needs shape (vector length,), got {tuple(s.shape)}")
+        return [np.zeros(int(s.shape[0]), np.float32)], []
+    model = new_model(s.model, s.seed, s.shape)
+    return get_arrays(model), [i for i, k in enumerate(float_keys(model)) if k.endswith("running_var")]
+
+
+def _optimizer(model: nn.Module, s, default: str, lr: float) -> torch.optim.Optimizer:
+    if (s.optimizer or default) == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=s.lr or lr, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=s.lr or lr)
 
 
 def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | None = None) -> None:
     """Local epochs on a site's data (s: FedSettings). Images for the U-Net, patch features otherwise."""
     epochs = epochs or s.local_epochs
+    if isinstance(model, SegHead):  # data: the site's cached head inputs {"grid", "low", "y"}
+        g = torch.Generator().manual_seed(seed)
+        opt = _optimizer(model, s, "adam", 1e-3)
+        for _ in range(epochs):
+            train_epoch(model, data["grid"], data["low"], data["y"], opt, g, s.batch_size)
+        return
     if isinstance(model, UNetAE):
         x = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data
         AETrainer(epochs=epochs, lr=s.lr or 1e-3, batch_size=s.batch_size, crop=s.crop, input_noise=s.input_noise,
                   patience=10**9, seed=seed, progress=False, max_images=s.max_local_images).fit(model, x)
         return
     g = torch.Generator().manual_seed(seed)
-    opt = (torch.optim.SGD(model.parameters(), lr=s.lr or 0.01, momentum=0.9) if s.optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=s.lr or 1e-3))
+    opt = _optimizer(model, s, "sgd", 0.01 if (s.optimizer or "sgd") == "sgd" else 1e-3)
     model.train()
     for _ in range(epochs):
         # Like the U-Net trainer: each epoch a fresh random subset of at most max_local_images images.

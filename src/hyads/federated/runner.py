@@ -60,27 +60,36 @@ def partition(sources: list[Source], n_clients: int, split: str, alpha: float = 
     """Normal training images per client. iid: pooled and dealt evenly; by-folder: client i gets source
     i mod #sources (shared evenly when several clients map to one source); dirichlet: each source's images
     spread over clients with proportions ~ Dir(alpha)."""
+    pooled = np.concatenate([s.train for s in sources])
+    groups = np.concatenate([np.full(len(s.train), k) for k, s in enumerate(sources)])
+    return [pooled[p] for p in assign(groups, n_clients, split, alpha, seed)]
+
+
+def assign(groups: np.ndarray, n_clients: int, split: str, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """Sorted item indices per client, given each item's group (source folder, or dominant defect class):
+    iid ignores groups; by-folder gives client i group i mod #groups; dirichlet spreads each group's items
+    over clients with proportions ~ Dir(alpha)."""
     if split not in SPLITS:
         raise HyADSError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     rng = np.random.default_rng(seed)
-    pooled = np.concatenate([s.train for s in sources])
-    offsets = np.cumsum([0] + [len(s.train) for s in sources])
+    groups = np.asarray(groups)
+    kinds = np.unique(groups)
     parts: list[list[int]] = [[] for _ in range(n_clients)]
     if split == "iid":
-        order = rng.permutation(len(pooled))
-        if n_clients > len(pooled):  # a fleet larger than the data: images are reused across clients
+        order = rng.permutation(len(groups))
+        if n_clients > len(groups):  # a fleet larger than the data: items are reused across clients
             order = np.resize(order, n_clients)
         for i, idx in enumerate(np.array_split(order, n_clients)):
             parts[i] = list(idx)
     elif split == "by-folder":
-        for k in range(len(sources)):
-            owners = [i for i in range(n_clients) if i % len(sources) == k]
-            idx = rng.permutation(np.arange(offsets[k], offsets[k + 1]))
+        for k, kind in enumerate(kinds):
+            owners = [i for i in range(n_clients) if i % len(kinds) == k]
+            idx = rng.permutation(np.nonzero(groups == kind)[0])
             for i, chunk in zip(owners, np.array_split(idx, len(owners))):
                 parts[i] = list(chunk)
     else:
-        for k in range(len(sources)):
-            idx = rng.permutation(np.arange(offsets[k], offsets[k + 1]))
+        for kind in kinds:
+            idx = rng.permutation(np.nonzero(groups == kind)[0])
             p = rng.dirichlet(np.full(n_clients, alpha))
             cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
             for i, chunk in enumerate(np.split(idx, cuts)):
@@ -88,7 +97,7 @@ def partition(sources: list[Source], n_clients: int, split: str, alpha: float = 
     empty = [i for i, p in enumerate(parts) if not p]
     if empty:
         raise HyADSError(f"split {split!r} left clients {empty} without images: use fewer clients or another split")
-    return [pooled[np.sort(np.asarray(p))] for p in parts]
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
 def ae_auroc(arrays: list[np.ndarray], sources: list[Source], kind: str = "feature-ae") -> dict[str, float]:
