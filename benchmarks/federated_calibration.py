@@ -22,8 +22,9 @@ import numpy as np
 from hyads import HyADS
 from hyads import metrics as M
 from hyads.data import load_dataset
+from hyads.errors import HyADSError
 from hyads.evaluation import gt_masks
-from hyads.federated.calibration import federated_calibration
+from hyads.federated.calibration import _image_scores, federated_calibration
 from hyads.fusion import fuse
 from hyads.utils import clean_json
 
@@ -74,19 +75,29 @@ def main() -> None:
                      **site_metrics(maps, m.map_stats_, m.weights_, m.calibration_.threshold, labels, gts)})
     logs = {}
     for eps in [math.inf, *args.eps]:
-        cal, log = federated_calibration(sites, eps0=eps, apply_to_models=False)
+        try:
+            cal, log = federated_calibration(sites, eps0=eps, apply_to_models=False)
+        except HyADSError as exc:  # local noise can swamp the statistics entirely: record it, go on
+            print(f"eps0 {eps}: {exc}", flush=True)
+            logs[str(eps)] = {"error": str(exc)}
+            rows.append({"site": -1, "data": "all", "calibration": f"federated eps0={eps}", "error": str(exc)})
+            continue
         logs[str(eps)] = {**log, "result": cal.to_dict()}
-        print(f"eps0 {eps}: weights {cal.weights}, threshold {cal.threshold:.3f}, pooled F1 {cal.pooled_f1:.3f}", flush=True)
+        print(f"eps0 {eps}: weights {cal.weights}, k {cal.k:.3f}, pooled F1 {cal.pooled_f1:.3f}", flush=True)
         for k, (m, (maps, labels, gts, name)) in enumerate(zip(sites, tests)):
+            _, _, mu, sd = _image_scores(m, cal.weights)
             rows.append({"site": k, "data": name, "calibration": f"federated eps0={eps}", "weights": cal.weights,
-                         "threshold": cal.threshold,
-                         **site_metrics(maps, m.map_stats_, cal.weights, cal.threshold, labels, gts)})
+                         "threshold": mu + cal.k * sd,
+                         **site_metrics(maps, m.map_stats_, cal.weights, mu + cal.k * sd, labels, gts)})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(clean_json({"rows": rows, "jobs": logs}), indent=2))
     lines = ["| calibration | mean image F1 at threshold | false alarms | misses | mean image AUROC | mean pixel AUROC | weights (texture / patchcore) |",
              "|---|---|---|---|---|---|---|"]
     for how in dict.fromkeys(r["calibration"] for r in rows):
         rs = [r for r in rows if r["calibration"] == how]
+        if "error" in rs[0]:
+            lines.append(f"| {how} | no result: {rs[0]['error']} | | | | | |")
+            continue
         w = "; ".join(f"{r['weights'].get('texture', 0):.1f}/{r['weights'].get('patchcore', 0):.1f}" for r in rs)
         lines.append(f"| {how} | {np.mean([r['image_f1_at_threshold'] for r in rs]):.4f} | "
                      f"{np.mean([r['false_alarm_rate'] for r in rs]):.3f} | {np.mean([r['miss_rate'] for r in rs]):.3f} | "
@@ -94,7 +105,7 @@ def main() -> None:
                      f"{np.mean([r['pixel_auroc'] for r in rs if 'pixel_auroc' in r]):.4f} | {w} |")
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    for r in rows:
+    for r in (r for r in rows if "error" not in r):
         print(r["site"], r["data"], r["calibration"], {k: round(v, 4) for k, v in r.items() if isinstance(v, float)})
 
 

@@ -278,12 +278,14 @@ def test_federated_fusion_statistics_recover_weights_and_threshold() -> None:
     local = search_weights(*[sites[0]._fusion_search[i] for i in (0,)], sites[0].map_stats_,
                            sites[0]._fusion_search[1], sites[0]._fusion_search[2], 0.1)[0]
     assert local["good"] >= 0.8
-    # Threshold vs the exact quantile of the pooled normal image scores at the chosen weights.
-    pooled = np.concatenate([fuse(m._fusion_search[0], cal.weights, m.map_stats_)[m._fusion_search[1] == 0]
-                             .reshape(6, -1).max(1) for m in sites])
+    # Threshold vs the exact quantile of the pooled normal image z-scores at the chosen weights.
+    z = []
+    for m in sites:
+        img = fuse(m._fusion_search[0], cal.weights, m.map_stats_).reshape(12, -1).max(1)
+        z.append((img[:6] - img[:6].mean()) / img[:6].std())
     e = np.arcsinh(edges())
     width = float(np.max(np.diff(e)))
-    assert abs(math.asinh(cal.threshold) - math.asinh(np.quantile(pooled, 0.9))) <= 2 * width
+    assert abs(math.asinh(cal.k) - math.asinh(np.quantile(np.concatenate(z), 0.9))) <= 2 * width
     noisy = np.mean(up, 0) + np.random.default_rng(0).normal(0, 1e-3, len(up[0]))
     assert combine(noisy, ["good", "noise"], 0.1).weights["good"] >= 0.5
     with pytest.raises(Exception, match="expected"):
@@ -294,17 +296,21 @@ def test_federated_fusion_statistics_recover_weights_and_threshold() -> None:
 def test_federated_calibration_over_flower_installs_weights() -> None:
     """The stats job runs as one Flower round (clip, shuffler, validator) and installs the result."""
     from hyads.federated.calibration import federated_calibration
+    from hyads.fusion import fuse
 
     sites = [_fake_site(s) for s in range(2)]
     cal, log = federated_calibration(sites)
     assert log["rounds"][0]["reports"] == 2 and not log["rounds"][0]["rejected"]
     assert all(m.weights_ == cal.weights for m in sites) and cal.weights["good"] >= 0.8
-    assert all(m.calibration_.threshold == cal.threshold for m in sites)
+    for m in sites:  # each site's threshold: its own normal mean + k std
+        img = m._fusion_search[0]
+        scores = fuse(img, cal.weights, m.map_stats_).reshape(12, -1).max(1)[:6]
+        assert m.calibration_.threshold == pytest.approx(scores.mean() + cal.k * scores.std(), rel=1e-5)
 
 
 def test_federate_fusion_command_saves_site_models_with_the_shared_calibration(tmp_path: Path) -> None:
     """`hyads federate --model fusion`: each site fits texture + PatchCore on its own images; the saved site
-    models carry the federation's weights and threshold (the same at every site) and still predict."""
+    models carry the federation's weights and threshold rule (k normal std, the same at every site) and predict."""
     from typer.testing import CliRunner
 
     from hyads import HyADS
@@ -320,6 +326,6 @@ def test_federate_fusion_command_saves_site_models_with_the_shared_calibration(t
     assert r["job"]["rounds"][0]["reports"] == 2 and r["images_per_site"] == [12, 12]
     models = [HyADS.load(out / f"site{i}") for i in range(2)]
     assert all(m.weights_ == r["federated"]["weights"] for m in models)
-    assert all(m.calibration_.threshold == pytest.approx(r["federated"]["threshold"]) for m in models)
+    assert [m.calibration_.threshold for m in models] == pytest.approx(r["site_thresholds"])
     assert "federated" in models[0].calibration_.method
     assert models[0].predict([next((root / "test" / "good").iterdir())]).shape == (1,)
