@@ -14,7 +14,7 @@ detector map with the mean / std of its own normal validation images, so fused s
   `quantile` of the pooled normal z-scores (the local rule when no real defect is labelled), and each site
   sets threshold = its normal mean + k x its normal std. Why z-scores: an image score is a maximum over the
   whole map, so its normal level depends on the product (bottle vs tile) even after pixel standardisation;
-  measured, a threshold shared in pixel-standardised units cost the bottle sites 10-15 points of image F1.
+  measured, a threshold shared in pixel-standardised units cost the bottle sites 10-16 points of image F1.
 
 Why histograms: they are a fixed-length vector whatever a site's image count, so they travel through the same
 clip -> Gaussian noise -> shuffler -> validator path as model updates. Each (positive, negative) pair is
