@@ -66,9 +66,11 @@ def test_fit_segmentation_learns_classes_and_round_trips(tmp_path) -> None:
     tr, mtr = _labelled(24, 0)
     va, mva = _labelled(8, 1)
     te, mte = _labelled(12, 2)
-    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=15, seed=0)
+    # With the stride-4 backbone branch: low inputs = grey + 2 maps + 24 Lite0 block-2 channels.
+    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=15, seg_fine_features=True, seed=0)
     model.progress = False
     model.fit_segmentation(tr, mtr, ["scratch", "spot"], va, mva)
+    assert model.seghead_.low_channels == 1 + 2 + 24
     info = model.fit_info_["segmentation"]
     assert info["crossfit"] and info["classes"] == ["scratch", "spot"]
     pred = model.predict_labels(te)

@@ -395,6 +395,7 @@ def segment(
     ae_epochs: int = typer.Option(15, help="Autoencoder epochs."),
     ratio: float = typer.Option(0.02, help="Fraction of normal patches kept in the bank."),
     features: bool = typer.Option(True, "--features/--no-features", help="Also feed backbone patch features to the head."),
+    fine: bool = typer.Option(False, "--fine/--no-fine", help="Also feed the backbone's stride-4 map to the head (thin defects)."),
     max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -406,7 +407,8 @@ def segment(
     ds = load_segmentation_dataset(data, [c.strip() for c in classes.split(",")] if classes else None)
     console.print(ds.summary())
     model = HyADS(image_size=image_size, detectors=[d.strip() for d in detectors.split(",") if d.strip()],
-                  seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features, seed=seed)
+                  seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
+                  seg_fine_features=fine, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train)
     console.print((out / "results.md").read_text(), markup=False)
 

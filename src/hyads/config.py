@@ -64,6 +64,9 @@ class HyADSConfig:
     # the defect classes (one name = binary mask); seg_features also feeds the backbone patch features.
     seg_classes: list[str] = field(default_factory=list)
     seg_features: bool = True
+    # Also feed the backbone's stride-4 map (EfficientNet-Lite0 block 2, 24 ch) to the head's fine branch:
+    # thin defects (NEU inclusions, scratches) are 1-3 cells wide on the stride-8 grid.
+    seg_fine_features: bool = False
     seg_epochs: int = 20
     seg_lr: float = 1e-3
     seg_width: int = 64

@@ -518,6 +518,14 @@ class HyADS:
         maps = self._detector_maps(rgb, patches, desc)
         low = np.concatenate([tex.to_gray(rgb)[:, None], np.stack([maps[d] for d in self.detectors], 1)], 1)
         low = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)), 4).numpy()
+        if c.seg_fine_features:
+            if getattr(self, "backbone_", None) is None:
+                self._build_features()
+            with torch.inference_mode():
+                x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(0, 3, 1, 2)
+                fine = self.backbone_.features(x, taps=(self.backbone_.fine_tap,))[0]
+            low = np.concatenate([low, F.interpolate(fine, size=low.shape[-2:], mode="bilinear",
+                                                     align_corners=False).numpy()], 1)
         return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
 
     def segmentation_inputs(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:

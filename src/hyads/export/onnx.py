@@ -101,7 +101,7 @@ class _Calibration:
 
 
 def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Sequence[Any]) -> Path:
-    """Static INT8 quantisation (QDQ, per-channel weights, MinMax calibration on normal images)."""
+    """Static INT8 quantisation (QDQ, per-channel uint8 weights, MinMax calibration on normal images)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -117,7 +117,11 @@ def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Seque
         tmp_out = Path(td) / INT8_NAME
         quantize_static(
             str(pre), str(tmp_out), _Calibration(model, calibration_images), quant_format=QuantFormat.QDQ,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            # U8U8, not the usual U8S8: on x86 CPUs without VNNI (AVX2 only, e.g. this project's AMD EPYC
+            # machines) ONNX Runtime's U8S8 kernels add pairs of u8*s8 products in saturating 16-bit lanes,
+            # which wrecked the features here (correlation with fp32 0.82, bottle image AUROC 0.54); U8U8
+            # does not saturate (correlation 0.993). See onnxruntime's quantization docs on reduce_range.
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
         os.replace(tmp_out, out_dir / INT8_NAME)

@@ -119,14 +119,18 @@ class EfficientNetLite0(nn.Module):
         x = (x - self._mean) / self._std
         return self.act(self._bn0(self._conv_stem(self._stem_pad(x))))
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x: RGB in [0, 1], (B, 3, H, W). Returns one map per tap, shallow first."""
+    # Last block at stride 4 (24 ch): the segmentation head's optional fine branch.
+    fine_tap = 2
+
+    def features(self, x: torch.Tensor, taps: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """x: RGB in [0, 1], (B, 3, H, W). Returns one map per tap (default: self.taps), shallow first."""
+        taps = self.taps if taps is None else taps
         x = self._stem(x)
         out = []
-        last = max(self.taps)
+        last = max(taps)
         for i, blk in enumerate(self._blocks):
             x = blk(x)
-            if i in self.taps:
+            if i in taps:
                 out.append(x)
             if i == last:
                 break
@@ -191,13 +195,16 @@ class ResNet18(nn.Module):
     def tap_strides(self) -> tuple[int, ...]:
         return tuple((2, 4, 8, 16, 32)[i] for i in self.taps)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    fine_tap = 1  # layer1: stride 4, 64 ch
+
+    def features(self, x: torch.Tensor, taps: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        taps = self.taps if taps is None else taps
         x = (x - self._mean) / self._std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = []
-        for i in range(1, max(self.taps) + 1):
+        for i in range(1, max(taps) + 1):
             x = getattr(self, f"layer{i}")(x)
-            if i in self.taps:
+            if i in taps:
                 out.append(x)
         return out
 
