@@ -48,6 +48,20 @@ def test_int8_graph_still_detects(bottle_small):
     assert m["image_auroc"] >= 0.97 and m["pixel_auroc"] >= 0.95
 
 
+def test_int8_weight_type_follows_the_cpu(bottle_small):
+    """auto picks s8 only where the CPU has VNNI (u8 elsewhere: s8 saturates there), recorded in export.json."""
+    import json
+
+    from hyads.errors import HyADSError
+    from hyads.export.onnx import cpu_has_vnni, quantize_int8
+
+    model, ds, out = bottle_small
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["int8_weights"] == ("s8" if cpu_has_vnni() else "u8")
+    with pytest.raises(HyADSError, match="int8 weights"):
+        quantize_int8(model, out, ds.train[:2], weights="s4")
+
+
 def test_onnx_export_of_another_model_is_refused(bottle_small, synth_model):
     _, _, out = bottle_small
     with pytest.raises(ModelFileError, match="different model configuration"):

@@ -279,6 +279,8 @@ def export(
     calibration: Optional[Path] = typer.Option(
         None, help="Normal images (folder or dataset) for INT8 calibration; default: the model's training data."),
     n_calibration: int = typer.Option(32, help="Number of calibration images."),
+    int8_weights: str = typer.Option("auto", help="INT8 weight type: s8 (fast; saturates on x86 CPUs without "
+                                     "VNNI) | u8 (accurate everywhere) | auto (s8 if this CPU has VNNI)."),
 ) -> None:
     """Export the neural feature extractor to ONNX (dynamic batch), optionally INT8-quantised."""
     from .data.datasets import load_dataset
@@ -297,8 +299,10 @@ def export(
             raise HyADSError("--int8 needs --calibration DIR (normal images)")
         train = load_dataset(source).train
         step = max(1, len(train) // n_calibration)
-        path = quantize_int8(model, out, train[::step][:n_calibration])
-        console.print(f"wrote {path} (calibrated on {min(n_calibration, len(train))} normal images from {source})")
+        path = quantize_int8(model, out, train[::step][:n_calibration], int8_weights)
+        meta = json.loads((out / "export.json").read_text())
+        console.print(f"wrote {path} (calibrated on {min(n_calibration, len(train))} normal images from {source}; "
+                      f"weights {meta.get('int8_weights', int8_weights)})")
 
 
 @app.command()

@@ -100,8 +100,32 @@ class _Calibration:
         pass
 
 
-def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Sequence[Any]) -> Path:
-    """Static INT8 quantisation (QDQ, per-channel uint8 weights, MinMax calibration on normal images)."""
+INT8_WEIGHTS = ("auto", "s8", "u8")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI), read from /proc/cpuinfo (False elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Sequence[Any],
+                  weights: str = "auto") -> Path:
+    """Static INT8 quantisation (QDQ, per-channel weights, MinMax calibration on normal images).
+
+    weights: "s8" (int8, ONNX Runtime's default U8S8: fast, but on x86 CPUs without VNNI its kernels add
+    pairs of u8*s8 products in saturating 16-bit lanes, which wrecked the features on this project's AVX2-only
+    AMD EPYC machines: correlation with fp32 0.82, bottle image AUROC 0.54), "u8" (uint8, U8U8: no
+    saturation, correlation 0.993, but measured 9x slower than fp32 on those machines), or "auto": s8 where
+    the CPU running the export has VNNI, u8 otherwise. Export on the kind of machine that will run the graph.
+    """
+    if weights not in INT8_WEIGHTS:
+        raise HyADSError(f"int8 weights {weights!r}: use {', '.join(INT8_WEIGHTS)}")
+    if weights == "auto":
+        weights = "s8" if cpu_has_vnni() else "u8"
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -117,17 +141,16 @@ def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Seque
         tmp_out = Path(td) / INT8_NAME
         quantize_static(
             str(pre), str(tmp_out), _Calibration(model, calibration_images), quant_format=QuantFormat.QDQ,
-            # U8U8, not the usual U8S8: on x86 CPUs without VNNI (AVX2 only, e.g. this project's AMD EPYC
-            # machines) ONNX Runtime's U8S8 kernels add pairs of u8*s8 products in saturating 16-bit lanes,
-            # which wrecked the features here (correlation with fp32 0.82, bottle image AUROC 0.54); U8U8
-            # does not saturate (correlation 0.993). See onnxruntime's quantization docs on reduce_range.
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+            per_channel=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
         os.replace(tmp_out, out_dir / INT8_NAME)
     meta = json.loads((out_dir / META_NAME).read_text())
     meta["files"]["int8"] = INT8_NAME
     meta["int8_calibration_images"] = len(calibration_images)
+    meta["int8_weights"] = weights
+    meta["int8_exported_on_vnni_cpu"] = cpu_has_vnni()
     _write_meta(out_dir, meta)
     return out_dir / INT8_NAME
 
