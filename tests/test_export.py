@@ -62,6 +62,29 @@ def test_int8_weight_type_follows_the_cpu(bottle_small):
         quantize_int8(model, out, ds.train[:2], weights="s4")
 
 
+def test_s8_graph_on_a_cpu_without_vnni_warns(bottle_small, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from hyads.export import onnx as X
+
+    model, _, out = bottle_small
+    copy = tmp_path / "onnx"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    meta["int8_weights"] = "s8"
+    (copy / "export.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(X, "cpu_has_vnni", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no VNNI"):
+        X.OnnxFeatures(model, copy, int8=True)
+    monkeypatch.setattr(X, "cpu_has_vnni", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        X.OnnxFeatures(model, copy, int8=True)
+
+
 def test_onnx_export_of_another_model_is_refused(bottle_small, synth_model):
     _, _, out = bottle_small
     with pytest.raises(ModelFileError, match="different model configuration"):

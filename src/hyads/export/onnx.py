@@ -172,6 +172,12 @@ class OnnxFeatures:
         if name not in meta["files"].values():
             raise ModelFileError(f"{onnx_dir}: no {'INT8' if int8 else 'fp32'} graph (run `hyads export` "
                                  f"{'with --int8' if int8 else ''})")
+        if int8 and meta.get("int8_weights", "s8") == "s8" and not cpu_has_vnni():
+            # Exports before the weight option existed were s8 too.
+            warnings.warn(f"{onnx_dir}: this INT8 graph has int8 weights (U8S8) and this CPU has no VNNI: ONNX "
+                          "Runtime's kernels can saturate and ruin the maps here; re-export with "
+                          "`hyads export --int8 --int8-weights u8` (accurate, but slow without VNNI) or use onnx fp32",
+                          RuntimeWarning, stacklevel=2)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
