@@ -65,10 +65,11 @@ def initial_arrays(s) -> tuple[list[np.ndarray], list[int]]:
     return get_arrays(model), [i for i, k in enumerate(float_keys(model)) if k.endswith("running_var")]
 
 
-def _optimizer(model: nn.Module, s, default: str, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, s, default: str) -> torch.optim.Optimizer:
+    """s.optimizer (or the model's `default`) at s.lr (or 0.01 for SGD, 1e-3 for Adam)."""
     if (s.optimizer or default) == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.lr or lr, momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=s.lr or lr)
+        return torch.optim.SGD(model.parameters(), lr=s.lr or 0.01, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=s.lr or 1e-3)
 
 
 def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | None = None) -> None:
@@ -76,7 +77,7 @@ def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | 
     epochs = epochs or s.local_epochs
     if isinstance(model, SegHead):  # data: the site's cached head inputs {"grid", "low", "y"}
         g = torch.Generator().manual_seed(seed)
-        opt = _optimizer(model, s, "adam", 1e-3)
+        opt = _optimizer(model, s, "adam")
         for _ in range(epochs):
             train_epoch(model, data["grid"], data["low"], data["y"], opt, g, s.batch_size)
         return
@@ -86,7 +87,7 @@ def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | 
                   patience=10**9, seed=seed, progress=False, max_images=s.max_local_images).fit(model, x)
         return
     g = torch.Generator().manual_seed(seed)
-    opt = _optimizer(model, s, "sgd", 0.01 if (s.optimizer or "sgd") == "sgd" else 1e-3)
+    opt = _optimizer(model, s, "sgd")
     model.train()
     for _ in range(epochs):
         # Like the U-Net trainer: each epoch a fresh random subset of at most max_local_images images.
