@@ -119,7 +119,7 @@ def quantize_int8(model: "HyADS", out_dir: str | Path, calibration_images: Seque
     weights: "s8" (int8, ONNX Runtime's default U8S8: fast, but on x86 CPUs without VNNI its kernels add
     pairs of u8*s8 products in saturating 16-bit lanes, which wrecked the features on this project's AVX2-only
     AMD EPYC machines: correlation with fp32 0.82, bottle image AUROC 0.54), "u8" (uint8, U8U8: no
-    saturation, correlation 0.993, but measured 9x slower than fp32 on those machines), or "auto": s8 where
+    saturation, correlation 0.993, but measured 7.6-8.7x slower than fp32 on those machines), or "auto": s8 where
     the CPU running the export has VNNI, u8 otherwise. Export on the kind of machine that will run the graph.
     """
     if weights not in INT8_WEIGHTS:
