@@ -120,3 +120,31 @@ def test_float16_and_pq_indexes():
     pq = NearestNeighbourIndex(bank, "ivfpq", nlist=64, nprobe=16)
     assert pq.memory_bytes() < 0.2 * exact.memory_bytes()
     assert np.corrcoef(pq.search(q), exact.search(q))[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("kind,float16", [("ivf", False), ("ivf", True), ("ivfpq", False)])
+@pytest.mark.parametrize("nprobe", [1, 4])
+def test_own_coarse_step_matches_faiss_search(kind, float16, nprobe):
+    # search() assigns IVF cells itself and lets faiss scan them: it must return what faiss's search does.
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(12_000, 24)).astype(np.float32)
+    q = rng.normal(size=(300, 24)).astype(np.float32)
+    for pca_dim in (0, 12):
+        ix = NearestNeighbourIndex(bank, kind, nprobe=nprobe, float16=float16, pca_dim=pca_dim)
+        ref = np.sqrt(np.maximum(ix.index.search(q, 1)[0][:, 0], 0.0))
+        np.testing.assert_allclose(ix.search(q), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pca_search_keeps_the_neighbours_of_low_rank_features():
+    # Patch features are strongly correlated; on data of intrinsic rank 8 in 64 dims, searching the top 8
+    # principal components finds the same nearest neighbours and the same distances (up to the discarded noise).
+    rng = np.random.default_rng(2)
+    basis = rng.normal(size=(8, 64)).astype(np.float32)
+    bank = rng.normal(size=(3000, 8)).astype(np.float32) @ basis + 0.01 * rng.normal(size=(3000, 64)).astype(np.float32)
+    q = rng.normal(size=(200, 8)).astype(np.float32) @ basis
+    exact = NearestNeighbourIndex(bank).search(q)
+    pca = NearestNeighbourIndex(bank, "flat", pca_dim=8)
+    assert pca.kind == "flat-pca8"
+    assert np.all(pca.search(q) <= exact + 1e-3)  # a projection never lengthens a distance
+    np.testing.assert_allclose(pca.search(q), exact, rtol=0.05, atol=0.05)
+    assert NearestNeighbourIndex(bank, "flat", pca_dim=2).search(q).mean() < 0.5 * exact.mean()  # too few dims

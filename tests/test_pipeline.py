@@ -166,6 +166,19 @@ def test_float16_bank_model_file(tmp_path, synth_root):
     np.testing.assert_allclose(maps[True], maps[False], rtol=5e-3, atol=5e-3)
 
 
+def test_pca_knn_model_detects_and_survives_save_load(tmp_path, synth_root):
+    ds = load_dataset(synth_root)
+    m = HyADS(image_size=128, seed=0, knn_dim=32)
+    m.progress = False
+    m.fit(ds.train)
+    assert m.bank_.index.kind.endswith("-pca32") and m.bank_.bank_.shape[1] == 152  # the bank stays full-dim
+    paths = [s.path for s in ds.test]
+    labels = np.array([s.label for s in ds.test])
+    scores = m.score_samples(paths)
+    assert auroc(labels, scores) >= 0.9
+    np.testing.assert_allclose(load_model(m.save(tmp_path / "m")).score_samples(paths), scores, rtol=1e-5)
+
+
 def test_smoothing_on_the_grid_matches_full_resolution_smoothing():
     """Blur-then-upsample (cheap) against upsample-then-blur (default) on a smooth, PatchCore-like grid."""
     from scipy import ndimage

@@ -96,6 +96,7 @@ def fit(
     smooth_at_grid: bool = typer.Option(False, "--smooth-at-grid", help="Smooth maps on the patch grid, then upsample (faster post-processing)."),
     projection_dim: int = typer.Option(0, help="Random projection of patch features to this many dims (0 = off; faster kNN)."),
     nprobe: int = typer.Option(4, help="IVF cells searched per query (1 = fastest; measured in RESULTS)."),
+    knn_dim: int = typer.Option(0, help="Search the bank in its top-K principal components (0 = full dim; 64 = faster kNN, see RESULTS)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -115,7 +116,8 @@ def fit(
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
-                  smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe)
+                  smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
+                  knn_dim=knn_dim)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)

@@ -40,6 +40,8 @@ class HyADSConfig:
     ivf_nprobe: int = 4
     # Store the bank as float16 (in the model file and inside faiss): half the memory.
     bank_float16: bool = False
+    # Search in the bank's top-k principal components (0 = full dimension): a cheaper kNN stage.
+    knn_dim: int = 0
     # Which detectors make maps (fused by grid-searched weights when more than one).
     detectors: list[str] = field(default_factory=lambda: ["patchcore"])
     # U-Net autoencoder.
@@ -110,6 +112,8 @@ class HyADSConfig:
             raise bad("patch_neighbourhood", "must be an odd positive integer")
         if self.projection_dim < 0:
             raise bad("projection_dim", "must be >= 0")
+        if self.knn_dim < 0:
+            raise bad("knn_dim", "must be >= 0")
         if self.batch_size < 1:
             raise bad("batch_size", "must be >= 1")
 
