@@ -46,6 +46,22 @@ def test_seg_head_shapes_and_loss() -> None:
     assert binary.shape == (2, 1, 16, 16)
 
 
+def test_dilated_head_sees_further_at_the_same_size() -> None:
+    torch.manual_seed(0)
+    low = torch.zeros(1, 3, 32, 32)
+    poked = low.clone()
+    poked[0, :, 16, 16] = 5.0  # one changed input cell
+    reach = {}
+    for dilated in (False, True):
+        head = SegHead(0, 3, 2, width=8, dilated=dilated).eval()
+        diff = (head(torch.zeros(1, 0, 16, 16), poked) - head(torch.zeros(1, 0, 16, 16), low)).abs().sum((0, 1))
+        cols = torch.nonzero(diff.sum(0) > 1e-6).flatten()
+        reach[dilated] = int(cols.max() - cols.min()) + 1
+        assert sum(p.numel() for p in head.parameters()) == sum(
+            p.numel() for p in SegHead(0, 3, 2, width=8).parameters())  # same parameters, same cost
+    assert reach[False] == 1 + 2 * 4 and reach[True] == 1 + 2 * (1 + 1 + 2 + 4)  # 3x3 low_proj + 3 body layers
+
+
 def test_masked_fit_keeps_labelled_defects_out_of_the_bank() -> None:
     """Training images that contain defects: without masks the defect patches enter the bank and the same
     defect scores low; with masks they are left out and it scores high."""
@@ -81,6 +97,25 @@ def test_fit_segmentation_learns_classes_and_round_trips(tmp_path) -> None:
     model.save(tmp_path / "m")
     again = HyADS.load(tmp_path / "m")
     np.testing.assert_array_equal(again.predict_labels(te), pred)
+
+
+def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> None:
+    tr, mtr = _labelled(12, 0)
+    te, _ = _labelled(4, 2)
+    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=3, seg_dilated=True, seed=0)
+    model.progress = False
+    model.fit_segmentation(tr, mtr, ["scratch", "spot"])
+    plain = model.predict_labels(te)
+    model.config.seg_tta = True
+    tta = model.predict_labels(te)
+    flipped = model.predict_labels([np.ascontiguousarray(im[:, ::-1]) for im in te])
+    # Averaging over all four flips makes the prediction of a flipped image the flipped prediction.
+    assert np.mean(flipped == tta[:, :, ::-1]) > 0.999
+    assert np.mean(tta == plain) > 0.5  # same model, a smoothed decision
+    model.save(tmp_path / "m")
+    again = HyADS.load(tmp_path / "m")
+    assert again.config.seg_dilated and again.config.seg_tta
+    np.testing.assert_array_equal(again.predict_labels(te), tta)
 
 
 def test_fit_segmentation_rejects_bad_masks() -> None:

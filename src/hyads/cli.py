@@ -402,6 +402,8 @@ def segment(
     ratio: float = typer.Option(0.02, help="Fraction of normal patches kept in the bank."),
     features: bool = typer.Option(True, "--features/--no-features", help="Also feed backbone patch features to the head."),
     fine: bool = typer.Option(False, "--fine/--no-fine", help="Also feed the backbone's stride-4 map to the head (thin defects)."),
+    dilated: bool = typer.Option(False, "--dilated/--no-dilated", help="Dilated head body (dilations 1, 2, 4: wider context)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Average predictions over the 4 flips of each image (4x inference cost)."),
     max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -414,7 +416,7 @@ def segment(
     console.print(ds.summary())
     model = HyADS(image_size=image_size, detectors=[d.strip() for d in detectors.split(",") if d.strip()],
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
-                  seg_fine_features=fine, seed=seed)
+                  seg_fine_features=fine, seg_dilated=dilated, seg_tta=tta, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train)
     console.print((out / "results.md").read_text(), markup=False)
 

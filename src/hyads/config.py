@@ -72,6 +72,10 @@ class HyADSConfig:
     seg_epochs: int = 20
     seg_lr: float = 1e-3
     seg_width: int = 64
+    # Dilated head body (dilations 1, 2, 4): a wider receptive field at the same cost.
+    seg_dilated: bool = False
+    # Test-time augmentation: average the head's probabilities over the 4 flips of the image (4x the cost).
+    seg_tta: bool = False
     seg_patience: int = 5
     # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
     # other half, so the head never trains on maps of images whose own patches are in the bank.

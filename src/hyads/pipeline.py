@@ -476,7 +476,7 @@ class HyADS:
             val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
         torch.manual_seed(c.seed)
         n_out = 1 if len(classes) == 1 else len(classes) + 1
-        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width)
+        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, dilated=c.seg_dilated)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
                                  progress=self.progress)
         trainer.fit(self.seghead_, grid, low, y, val)
@@ -534,14 +534,21 @@ class HyADS:
 
     def predict_labels(self, images: Sequence[ImageLike], size: tuple[int, int] | None = None) -> np.ndarray:
         """Class maps (N, H, W) uint8 from the segmentation head (0 = background, i = seg_classes[i-1])."""
-        from .segmentation import predict_labels
+        from .segmentation import labels_from_probs, predict_probs
 
         self._require_fitted()
         if getattr(self, "seghead_", None) is None:
             raise NotFittedError("this model has no segmentation head: fit it with fit_segmentation()")
         size = size or (self.config.image_size, self.config.image_size)
-        out = [predict_labels(self.seghead_, *self._seg_inputs(rgb), size)
-               for rgb in self._batches(list(images), "segment")]
+        flips = [(), (2,), (1,), (1, 2)] if self.config.seg_tta else [()]
+        out = []
+        for rgb in self._batches(list(images), "segment"):
+            prob = 0.0
+            for axes in flips:  # image flipped on (H, W) axes; probabilities flipped back on (H, W) = (2, 3)
+                x = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
+                p = predict_probs(self.seghead_, *self._seg_inputs(x), size)
+                prob = prob + (p.flip([a + 1 for a in axes]) if axes else p)
+            out.append(labels_from_probs(prob / len(flips)))
         return np.concatenate(out) if out else np.zeros((0, *size), np.uint8)
 
     # -- inference -----------------------------------------------------------------------------------
@@ -636,7 +643,7 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
 
         sg = state["seg"]
         model.seghead_ = SegHead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]),
-                                 int(sg["width"]))
+                                 int(sg["width"]), dilated=config.seg_dilated)
         sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
         model.seghead_.load_state_dict(sd, strict=True)
         model.seghead_.eval()
