@@ -122,19 +122,6 @@ def test_float16_and_pq_indexes():
     assert np.corrcoef(pq.search(q), exact.search(q))[0, 1] > 0.8
 
 
-@pytest.mark.parametrize("kind,float16", [("ivf", False), ("ivf", True), ("ivfpq", False)])
-@pytest.mark.parametrize("nprobe", [1, 4])
-def test_own_coarse_step_matches_faiss_search(kind, float16, nprobe):
-    # search() assigns IVF cells itself and lets faiss scan them: it must return what faiss's search does.
-    rng = np.random.default_rng(1)
-    bank = rng.normal(size=(12_000, 24)).astype(np.float32)
-    q = rng.normal(size=(300, 24)).astype(np.float32)
-    for pca_dim in (0, 12):
-        ix = NearestNeighbourIndex(bank, kind, nprobe=nprobe, float16=float16, pca_dim=pca_dim)
-        ref = np.sqrt(np.maximum(ix.index.search(q, 1)[0][:, 0], 0.0))
-        np.testing.assert_allclose(ix.search(q), ref, rtol=1e-4, atol=1e-4)
-
-
 def test_pca_search_keeps_the_neighbours_of_low_rank_features():
     # Patch features are strongly correlated; on data of intrinsic rank 8 in 64 dims, searching the top 8
     # principal components finds the same nearest neighbours and the same distances (up to the discarded noise).

@@ -160,49 +160,15 @@ class NearestNeighbourIndex:
             kind = "flat"
             index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if float16 else faiss.IndexFlatL2(d)
         index.add(bank)
-        # Kept apart for search(): the projection (x @ A.T + b) and the IVF's coarse centroids, as torch tensors.
-        self._inner = index
-        self._pca: tuple[torch.Tensor, torch.Tensor] | None = None
         if pca is not None:
-            a = faiss.vector_to_array(pca.A).reshape(d, -1)
-            self._pca = (torch.from_numpy(np.ascontiguousarray(a.T)), torch.from_numpy(faiss.vector_to_array(pca.b)))
             index = faiss.IndexPreTransform(pca, index)
-        self._centroids: tuple[torch.Tensor, torch.Tensor] | None = None
-        if isinstance(self._inner, faiss.IndexIVF):
-            c = torch.from_numpy(self._inner.quantizer.reconstruct_n(0, self._inner.nlist))
-            self._centroids = (c.T.contiguous(), (c * c).sum(1))
         self.index = index
         self.kind = kind + ("-fp16" if float16 and kind != "ivfpq" else "") + (f"-pca{d}" if pca is not None else "")
 
     def search(self, q: np.ndarray) -> np.ndarray:
-        """Distance (L2, not squared) of each query row to its nearest bank row.
-
-        The projection and, for IVF indexes, the coarse step (nearest cells: one matmul + argmin) run in torch,
-        and faiss only scans the chosen lists (`search_preassigned`): same results as `index.search`, ~0.5 ms
-        less per 1,024-query image, and no second BLAS thread pool (faiss's and numpy's OpenBLAS threads keep
-        spinning after a call and slowed the next backbone forward up to 5x at batch 1; RESULTS.md, issue 4).
-        """
-        x = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-        with torch.inference_mode():
-            if self._pca is not None:
-                x = torch.addmm(self._pca[1], x, self._pca[0])
-            if self._centroids is None:
-                dist, _ = self._inner.search(x.numpy(), 1)
-                return np.sqrt(np.maximum(dist[:, 0], 0.0))
-            out = np.empty(len(x), dtype=np.float32)
-            ct, cn = self._centroids
-            nprobe = min(self._inner.nprobe, len(cn))
-            for i in range(0, len(x), 8192):  # bounds the (queries x cells) score matrix
-                xb = x[i : i + 8192]
-                s = torch.addmm(cn, xb, ct, alpha=-2.0)  # squared distance to each centroid, less |x|^2
-                if nprobe == 1:
-                    d, cells = s.min(1, keepdim=True)
-                else:
-                    d, cells = s.topk(nprobe, 1, largest=False, sorted=False)
-                coarse = d + (xb * xb).sum(1, keepdim=True)
-                dist, _ = self._inner.search_preassigned(xb.numpy(), 1, cells.numpy(), coarse.numpy())
-                out[i : i + 8192] = dist[:, 0]
-        return np.sqrt(np.maximum(out, 0.0))
+        """Distance (L2, not squared) of each query row to its nearest bank row."""
+        dist, _ = self.index.search(np.ascontiguousarray(q, dtype=np.float32), 1)
+        return np.sqrt(np.maximum(dist[:, 0], 0.0))
 
     def memory_bytes(self) -> int:
         """Size of the serialised index: what it holds in memory, give or take small overheads."""
