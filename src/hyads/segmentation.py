@@ -63,13 +63,6 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(B, n_out, H, W) -> (B, H, W) int64 class map (0 = background)."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)
-
-
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice (one output channel) or cross-entropy + soft Dice over defect classes."""
     eps = 1.0
