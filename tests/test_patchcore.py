@@ -135,3 +135,5 @@ def test_pca_search_keeps_the_neighbours_of_low_rank_features():
     assert np.all(pca.search(q) <= exact + 1e-3)  # a projection never lengthens a distance
     np.testing.assert_allclose(pca.search(q), exact, rtol=0.05, atol=0.05)
     assert NearestNeighbourIndex(bank, "flat", pca_dim=2).search(q).mean() < 0.5 * exact.mean()  # too few dims
+    with pytest.warns(RuntimeWarning, match="knn_dim 64 is not below"):
+        assert NearestNeighbourIndex(bank, "flat", pca_dim=64).kind == "flat"

@@ -6,6 +6,7 @@ The anomaly of a patch is its L2 distance to the nearest patch in a bank of norm
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import faiss
@@ -134,7 +135,10 @@ class NearestNeighbourIndex:
                  min_ivf: int = 10_000, float16: bool = False, pca_dim: int = 0):
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         pca = None
-        if 0 < pca_dim < min(bank.shape):
+        if pca_dim >= min(bank.shape):
+            warnings.warn(f"knn_dim {pca_dim} is not below the bank's {bank.shape[1]} dims and {len(bank)} rows: "
+                          "searching the full feature space", RuntimeWarning, stacklevel=2)
+        elif pca_dim > 0:
             pca = faiss.PCAMatrix(bank.shape[1], pca_dim)
             pca.train(bank)
             bank = pca.apply(bank)
