@@ -102,7 +102,8 @@ def test_fit_segmentation_learns_classes_and_round_trips(tmp_path) -> None:
 def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> None:
     tr, mtr = _labelled(12, 0)
     te, _ = _labelled(4, 2)
-    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=3, seg_dilated=True, seed=0)
+    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=3, seg_dilated=True, seg_depth=4,
+                  seed=0)
     model.progress = False
     model.fit_segmentation(tr, mtr, ["scratch", "spot"])
     plain = model.predict_labels(te)
@@ -114,7 +115,7 @@ def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> 
     assert np.mean(tta == plain) > 0.5  # same model, a smoothed decision
     model.save(tmp_path / "m")
     again = HyADS.load(tmp_path / "m")
-    assert again.config.seg_dilated and again.config.seg_tta
+    assert again.config.seg_dilated and again.config.seg_tta and len(again.seghead_.body) == 4
     np.testing.assert_array_equal(again.predict_labels(te), tta)
 
 

@@ -72,7 +72,8 @@ class HyADSConfig:
     seg_epochs: int = 20
     seg_lr: float = 1e-3
     seg_width: int = 64
-    # Dilated head body (dilations 1, 2, 4): a wider receptive field at the same cost.
+    seg_depth: int = 3  # Conv3x3-BN-ReLU layers in the head body
+    # Dilated head body (dilations 1, 2, 4, ... per layer): a wider receptive field at the same cost.
     seg_dilated: bool = False
     # Test-time augmentation: average the head's probabilities over the 4 flips of the image (4x the cost).
     seg_tta: bool = False
@@ -116,6 +117,8 @@ class HyADSConfig:
             raise bad("patch_neighbourhood", "must be an odd positive integer")
         if self.projection_dim < 0:
             raise bad("projection_dim", "must be >= 0")
+        if self.seg_depth < 1:
+            raise bad("seg_depth", "must be >= 1")
         if self.knn_dim < 0:
             raise bad("knn_dim", "must be >= 0")
         if self.batch_size < 1:

@@ -476,7 +476,7 @@ class HyADS:
             val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
         torch.manual_seed(c.seed)
         n_out = 1 if len(classes) == 1 else len(classes) + 1
-        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, dilated=c.seg_dilated)
+        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, c.seg_depth, c.seg_dilated)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
                                  progress=self.progress)
         trainer.fit(self.seghead_, grid, low, y, val)
@@ -643,7 +643,7 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
 
         sg = state["seg"]
         model.seghead_ = SegHead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]),
-                                 int(sg["width"]), dilated=config.seg_dilated)
+                                 int(sg["width"]), config.seg_depth, config.seg_dilated)
         sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
         model.seghead_.load_state_dict(sd, strict=True)
         model.seghead_.eval()

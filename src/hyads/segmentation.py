@@ -38,8 +38,8 @@ class SegHead(nn.Module):
 
     def __init__(self, grid_channels: int, low_channels: int, n_out: int, width: int = 64, depth: int = 3,
                  dilated: bool = False):
-        """dilated: body layer i uses dilation 2**i (1, 2, 4): a 15-cell (60 px at stride 4) receptive field
-        instead of 7 at the same cost, for long scratches and large patches."""
+        """dilated: body layer i uses dilation 2**i (1, 2, 4 for depth 3): a 15-cell (60 px at stride 4)
+        receptive field instead of 7 at the same cost, for long scratches and large patches."""
         super().__init__()
         self.grid_channels, self.low_channels, self.n_out = grid_channels, low_channels, n_out
         self.grid_norm = nn.BatchNorm2d(grid_channels) if grid_channels else None
