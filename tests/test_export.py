@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from hyads import HyADS
 from hyads.data import load_dataset
@@ -91,3 +92,44 @@ def test_onnx_export_of_another_model_is_refused(bottle_small, synth_model):
         synth_model.use_runtime("onnx", out)
     with pytest.raises(ModelFileError, match="no ONNX export"):
         synth_model.use_runtime("onnx", out / "absent")
+
+
+def test_ae_and_segmentation_head_export_and_match_torch_on_real_images(bottle, tmp_path):
+    """Every neural part runs under ONNX Runtime: AE error maps and head probabilities equal torch's."""
+    from hyads.bench import run_bench
+    from hyads.export import export_onnx
+    from hyads.segmentation import predict_probs
+
+    ds = load_dataset(bottle)
+    labelled = [s for s in ds.test if s.mask_path is not None][:8] + [s for s in ds.test if s.label == 0][:4]
+    from PIL import Image
+
+    masks = [np.zeros((1, 1), np.uint8) if s.mask_path is None else (np.asarray(Image.open(s.mask_path)) > 0)
+             .astype(np.uint8) for s in labelled]
+    model = HyADS(image_size=128, detectors=["texture", "ae", "patchcore"], ae_epochs=1, seg_epochs=1,
+                  seg_fine_features=True, seg_context=1, seed=0)
+    model.progress = False
+    model.fit_segmentation([s.path for s in labelled], masks, ["defect"])
+    export_onnx(model, tmp_path)
+    meta = (tmp_path / "export.json").read_text()
+    assert all(f in meta for f in ("ae.onnx", "seghead.onnx", "fine.onnx"))
+    paths = [s.path for s in ds.test[::10]]
+    ref_ae = model.use_runtime("torch").detector_maps(paths)["ae"]
+    inputs = model.segmentation_inputs(paths)
+    ref_p = predict_probs(model.seghead_, *inputs, (128, 128))
+    ref_labels = model.predict_labels(paths)
+    model.use_runtime("onnx", tmp_path)
+    assert set(model.onnx_parts) == {"ae", "seghead", "fine"}
+    assert np.abs(model.detector_maps(paths)["ae"] - ref_ae).max() <= 1e-3
+    ort_inputs = model.segmentation_inputs(paths)
+    for got, ref in zip(ort_inputs, inputs):  # float16 arrays: relative agreement
+        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert (predict_probs(model.onnx_parts["seghead"], *inputs, (128, 128)) - ref_p).abs().max() <= 1e-3
+    assert np.mean(model.predict_labels(paths) == ref_labels) > 0.999
+    stages = run_bench(model, paths[:2], batch=2, reps=1, warmup=0)["stage_ms_per_image"]
+    assert stages["seg"] > 0 and stages["ae"] > 0
+    # A refitted part no longer matches its graph: refused, not silently mixed.
+    with torch.no_grad():
+        next(model.ae_.parameters()).add_(0.1)
+    with pytest.raises(ModelFileError, match="different fit of the ae"):
+        model.use_runtime("onnx", tmp_path)

@@ -62,6 +62,24 @@ def test_dilated_head_sees_further_at_the_same_size() -> None:
     assert reach[False] == 1 + 2 * 4 and reach[True] == 1 + 2 * (1 + 1 + 2 + 4)  # 3x3 low_proj + 3 body layers
 
 
+def test_context_layers_widen_the_grid_branch_reach() -> None:
+    """Context layers (dilations 1, 2) on the stride-8 grid: a poked grid cell reaches 1 + 2 * 3 more cells."""
+    torch.manual_seed(0)
+    grid, low = torch.zeros(1, 4, 16, 16), torch.zeros(1, 3, 32, 32)
+    poked = grid.clone()
+    poked[0, :, 8, 8] = 5.0
+    reach = {}
+    for context in (0, 2):
+        head = SegHead(4, 3, 2, width=8, depth=1, context=context).eval()
+        diff = (head(poked, low) - head(grid, low)).abs().sum((0, 1))
+        cols = torch.nonzero(diff.sum(0) > 1e-6).flatten()
+        reach[context] = int(cols.max() - cols.min()) + 1
+    # Without context: 1x1 projection, x2 bilinear upsampling, one 3x3 body layer; with it, 1 + 2 more grid
+    # cells either side, i.e. 2 * 2 * 3 more cells at the head's (x2) output resolution.
+    assert reach[2] == reach[0] + 2 * 2 * (1 + 2)
+    assert sum(p.numel() for p in SegHead(4, 3, 2, width=8, context=2).grid_context.parameters()) > 0
+
+
 def test_masked_fit_keeps_labelled_defects_out_of_the_bank() -> None:
     """Training images that contain defects: without masks the defect patches enter the bank and the same
     defect scores low; with masks they are left out and it scores high."""
@@ -103,7 +121,7 @@ def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> 
     tr, mtr = _labelled(12, 0)
     te, _ = _labelled(4, 2)
     model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=3, seg_dilated=True, seg_depth=4,
-                  seed=0)
+                  seg_context=1, seg_bf16=True, seed=0)
     model.progress = False
     model.fit_segmentation(tr, mtr, ["scratch", "spot"])
     plain = model.predict_labels(te)
@@ -116,6 +134,7 @@ def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> 
     model.save(tmp_path / "m")
     again = HyADS.load(tmp_path / "m")
     assert again.config.seg_dilated and again.config.seg_tta and len(again.seghead_.body) == 4
+    assert again.config.seg_context == 1 and again.seghead_.grid_context is not None
     np.testing.assert_array_equal(again.predict_labels(te), tta)
 
 

@@ -1,7 +1,8 @@
 """Per-stage speed benchmark of a fitted model, in one process so ratios are comparable.
 
 Stages: decode+resize, backbone, patch aggregation (fused with the backbone under ONNX), kNN search,
-post-processing (upsample + Gaussian + max). Also: the whole pipeline as users call it, the bare feature
+post-processing (upsample + Gaussian + max), texture, AE, fusion, and the segmentation head (its inputs from
+the maps already computed, fine branch, head, class maps) when the model has one. Also: the whole pipeline as users call it, the bare feature
 extractor alone, this machine's measured fp32 matmul GFLOP/s, the model's FLOPs per image (so the utilisation
 is printed), and peak RSS. Warm-up runs are excluded; each figure is the median of several repetitions.
 """
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .features import texture as tex
 from .pipeline import HyADS, _to_rgb
+from .segmentation import labels_from_probs, predict_probs
 
 
 def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
@@ -68,12 +71,13 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
     model.config.batch_size = batch
 
     stage: dict[str, list[float]] = {k: [] for k in ("decode", "backbone", "aggregation", "features", "knn", "post",
-                                                     "texture", "ae", "fusion")}
+                                                     "texture", "ae", "fusion", "seg")}
     latencies: list[float] = []
 
     from .fusion import fuse
 
     dets = model.detectors
+    head = model.onnx_parts.get("seghead", getattr(model, "seghead_", None))
 
     def one_pass(record: bool) -> None:
         for b in batches:
@@ -97,21 +101,26 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
                 t["knn"] = time.perf_counter()
                 maps["patchcore"] = model._upsample_smooth(dist)
                 t["post"] = time.perf_counter()
+            desc = None
             if "texture" in dets:
-                maps["texture"] = model._texture_maps(rgb)
+                desc = tex.batch_descriptors(rgb)
+                maps["texture"] = model._texture_maps(rgb, desc)
                 t["texture"] = time.perf_counter()
             if "ae" in dets:
                 maps["ae"] = model._ae_maps(rgb)
                 t["ae"] = time.perf_counter()
             fuse(maps, model.weights_, model.map_stats_).reshape(len(rgb), -1).max(1)
             t["fusion"] = time.perf_counter()
+            if head is not None:
+                labels_from_probs(predict_probs(head, *model._seg_inputs(rgb, desc, p, maps), (size, size)))
+                t["seg"] = time.perf_counter()
             if record:
                 names = list(t)
                 for prev, cur in zip(names[:-1], names[1:]):
                     stage[cur].append(t[cur] - t[prev])
                 if "aggregation" in t:
                     stage["features"].append(t["aggregation"] - t["decode"])
-                latencies.append(t["fusion"] - t["start"])
+                latencies.append(t[names[-1]] - t["start"])
 
     for _ in range(warmup):
         one_pass(False)

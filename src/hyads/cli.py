@@ -404,6 +404,8 @@ def segment(
     fine: bool = typer.Option(False, "--fine/--no-fine", help="Also feed the backbone's stride-4 map to the head (thin defects)."),
     dilated: bool = typer.Option(False, "--dilated/--no-dilated", help="Dilated head body (dilation 2**i in layer i: wider context)."),
     depth: int = typer.Option(3, help="Conv layers in the head body."),
+    context: int = typer.Option(0, help="Dilated context layers on the head's stride-8 branch (0 = none)."),
+    bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="Train the head under bfloat16 autocast (~2x faster on CPUs with AVX512-BF16/AMX)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Average predictions over the 4 flips of each image (4x inference cost)."),
     max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
     seed: int = typer.Option(0, help="Seed."),
@@ -417,7 +419,8 @@ def segment(
     console.print(ds.summary())
     model = HyADS(image_size=image_size, detectors=[d.strip() for d in detectors.split(",") if d.strip()],
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
-                  seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seed=seed)
+                  seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seg_context=context,
+                  seg_bf16=bf16, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train)
     console.print((out / "results.md").read_text(), markup=False)
 

@@ -109,6 +109,7 @@ class HyADS:
         self.config = HyADSConfig.from_dict(cfg)
         self.progress = True
         self.runtime: Any = None  # None = eager torch; else an ONNX Runtime feature extractor (use_runtime)
+        self.onnx_parts: dict[str, Any] = {}  # ONNX Runtime AE / seg head / fine branch (use_runtime)
 
     # -- building blocks -----------------------------------------------------------------------------
     def _build_features(self) -> None:
@@ -140,15 +141,17 @@ class HyADS:
 
     def use_runtime(self, runtime: str = "torch", onnx_dir: str | Path | None = None,
                     threads: int | None = None) -> "HyADS":
-        """Run the feature extractor with eager torch (default), or an ONNX export: "onnx" or "onnx-int8"."""
+        """Run the neural parts with eager torch (default), or an ONNX export: "onnx" or "onnx-int8" (the
+        feature extractor in INT8; the AE and segmentation head stay fp32)."""
         if runtime == "torch":
-            self.runtime = None
+            self.runtime, self.onnx_parts = None, {}
         elif runtime in ("onnx", "onnx-int8"):
-            from .export.onnx import OnnxFeatures
+            from .export.onnx import OnnxFeatures, load_parts
 
             if onnx_dir is None:
                 raise HyADSError(f"runtime {runtime} needs the folder written by `hyads export`")
             self.runtime = OnnxFeatures(self, onnx_dir, int8=runtime == "onnx-int8", threads=threads)
+            self.onnx_parts = load_parts(self, onnx_dir, threads=threads)
         else:
             raise HyADSError(f"unknown runtime {runtime!r}: use torch, onnx or onnx-int8")
         return self
@@ -379,8 +382,9 @@ class HyADS:
         self.ae_history_ = trainer.history_
 
     def _ae_maps(self, rgb: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
-        err = error_map(self.ae_, x).numpy()
+        x = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
+        ort_ae = self.onnx_parts.get("ae")
+        err = ort_ae(x) if ort_ae is not None else error_map(self.ae_, torch.from_numpy(x)).numpy()
         sigma = self.config.smoothing_sigma
         if sigma > 0:
             err = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in err])
@@ -476,9 +480,10 @@ class HyADS:
             val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
         torch.manual_seed(c.seed)
         n_out = 1 if len(classes) == 1 else len(classes) + 1
-        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, c.seg_depth, c.seg_dilated)
+        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, c.seg_depth, c.seg_dilated,
+                                c.seg_context)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
-                                 progress=self.progress)
+                                 progress=self.progress, bf16=c.seg_bf16)
         trainer.fit(self.seghead_, grid, low, y, val)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
@@ -503,27 +508,31 @@ class HyADS:
         self.fit(images, masks=list(y))
         return (*self.segmentation_inputs(images), y)
 
-    def _seg_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Head inputs for one batch: grid (B, Cg, g, g) and low (B, Cl, S/4, S/4), float16."""
+    def _seg_inputs(self, rgb: np.ndarray, desc: np.ndarray | None = None, patches: np.ndarray | None = None,
+                    maps: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Head inputs for one batch: grid (B, Cg, g, g) and low (B, Cl, S/4, S/4), float16. Texture
+        descriptors, patch features and detector maps the caller already has may be passed in."""
         c = self.config
-        desc = tex.batch_descriptors(rgb)
+        desc = tex.batch_descriptors(rgb) if desc is None else desc
         grid = [desc.transpose(0, 3, 1, 2)]
-        patches = None
-        if "patchcore" in self.detectors or c.seg_features:
+        if patches is None and ("patchcore" in self.detectors or c.seg_features):
             if getattr(self, "backbone_", None) is None:
                 self._build_features()
             patches = self._patches(rgb)
-            if c.seg_features:
-                grid.append(patches.transpose(0, 3, 1, 2))
-        maps = self._detector_maps(rgb, patches, desc)
+        if c.seg_features:
+            grid.append(patches.transpose(0, 3, 1, 2))
+        maps = self._detector_maps(rgb, patches, desc) if maps is None else maps
         low = np.concatenate([tex.to_gray(rgb)[:, None], np.stack([maps[d] for d in self.detectors], 1)], 1)
         low = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)), 4).numpy()
         if c.seg_fine_features:
-            if getattr(self, "backbone_", None) is None:
-                self._build_features()
-            with torch.inference_mode():
-                x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(0, 3, 1, 2)
-                fine = self.backbone_.features(x, taps=(self.backbone_.fine_tap,))[0]
+            x = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
+            if "fine" in self.onnx_parts:
+                fine = torch.from_numpy(self.onnx_parts["fine"](x))
+            else:
+                if getattr(self, "backbone_", None) is None:
+                    self._build_features()
+                with torch.inference_mode():
+                    fine = self.backbone_.features(torch.from_numpy(x), taps=(self.backbone_.fine_tap,))[0]
             low = np.concatenate([low, F.interpolate(fine, size=low.shape[-2:], mode="bilinear",
                                                      align_corners=False).numpy()], 1)
         return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
@@ -546,7 +555,7 @@ class HyADS:
             prob = 0.0
             for axes in flips:  # image flipped on (H, W) axes; probabilities flipped back on (H, W) = (2, 3)
                 x = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
-                p = predict_probs(self.seghead_, *self._seg_inputs(x), size)
+                p = predict_probs(self.onnx_parts.get("seghead", self.seghead_), *self._seg_inputs(x), size)
                 prob = prob + (p.flip([a + 1 for a in axes]) if axes else p)
             out.append(labels_from_probs(prob / len(flips)))
         return np.concatenate(out) if out else np.zeros((0, *size), np.uint8)
@@ -643,7 +652,7 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
 
         sg = state["seg"]
         model.seghead_ = SegHead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]),
-                                 int(sg["width"]), config.seg_depth, config.seg_dilated)
+                                 int(sg["width"]), config.seg_depth, config.seg_dilated, config.seg_context)
         sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
         model.seghead_.load_state_dict(sd, strict=True)
         model.seghead_.eval()
