@@ -96,6 +96,7 @@ def fit(
     smooth_at_grid: bool = typer.Option(False, "--smooth-at-grid", help="Smooth maps on the patch grid, then upsample (faster post-processing)."),
     projection_dim: int = typer.Option(0, help="Random projection of patch features to this many dims (0 = off; faster kNN)."),
     nprobe: int = typer.Option(4, help="IVF cells searched per query (1 = fastest; measured in RESULTS)."),
+    nlist: int = typer.Option(0, help="IVF cells (0 = 2 * sqrt(bank rows))."),
     knn_dim: int = typer.Option(0, help="Search the bank in its top-K principal components (0 = full dim; 64 = faster kNN, see RESULTS)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
@@ -117,7 +118,7 @@ def fit(
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
                   smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
-                  knn_dim=knn_dim)
+                  ivf_nlist=nlist, knn_dim=knn_dim)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
@@ -284,7 +285,8 @@ def export(
     int8_weights: str = typer.Option("auto", help="INT8 weight type: s8 (fast; saturates on x86 CPUs without "
                                      "VNNI) | u8 (accurate everywhere) | auto (s8 if this CPU has VNNI)."),
 ) -> None:
-    """Export the neural feature extractor to ONNX (dynamic batch), optionally INT8-quantised."""
+    """Export every neural part to ONNX (dynamic batch): the feature extractor (optionally INT8-quantised),
+    and the autoencoder and segmentation head when the model has them."""
     from .data.datasets import load_dataset
     from .export.onnx import export_onnx, quantize_int8
     from .persist import load_model
@@ -294,7 +296,8 @@ def export(
     model = load_model(model_path)
     out = out or model_path / "onnx"
     path = export_onnx(model, out)
-    console.print(f"wrote {path}")
+    parts = json.loads((out / "export.json").read_text()).get("parts", {})
+    console.print(f"wrote {path}" + "".join(f", {out / p['file']}" for p in parts.values()))
     if int8:
         source = calibration or model.fit_info_.get("dataset")
         if not source:

@@ -127,6 +127,8 @@ class HyADSConfig:
             raise bad("seg_context", "must be >= 0")
         if self.knn_dim < 0:
             raise bad("knn_dim", "must be >= 0")
+        if self.ivf_nlist < 0 or self.ivf_nprobe < 1:
+            raise bad("ivf_nlist" if self.ivf_nlist < 0 else "ivf_nprobe", "ivf_nlist must be >= 0, ivf_nprobe >= 1")
         if self.batch_size < 1:
             raise bad("batch_size", "must be >= 1")
 
