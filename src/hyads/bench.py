@@ -4,7 +4,8 @@ Stages: decode+resize, backbone, patch aggregation (fused with the backbone unde
 post-processing (upsample + Gaussian + max), texture, AE, fusion, and the segmentation head (its inputs from
 the maps already computed, fine branch, head, class maps) when the model has one. Also: the whole pipeline as
 users call it, the bare feature extractor alone, this machine's measured fp32 matmul GFLOP/s, the model's FLOPs
-per image (so the utilisation is printed), and peak RSS. Warm-up runs are excluded; each figure is the median of several repetitions.
+per image (so the utilisation is printed), and peak RSS. Warm-up runs are excluded; each figure is the median of
+several repetitions.
 """
 
 from __future__ import annotations
