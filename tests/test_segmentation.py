@@ -209,6 +209,39 @@ def test_segment_command_on_a_voc_layout_folder(tmp_path) -> None:
     assert set(metrics["test"]["per_class_iou"]) == {"background", "scratch", "spot"}
     assert metrics["n_train"] == 10 and metrics["test"]["n_images"] == 3
     assert (out / "model" / "model.json").exists() and "mean IoU" in (out / "results.md").read_text()
+    # Scoring the saved model again gives the same figures; the same model twice is the same ensemble.
+    for models in ([out / "model"], [out / "model", out / "model"]):
+        res = CliRunner().invoke(app, ["segment-eval", str(root), *map(str, models), "--out", str(tmp_path / "e.json")])
+        assert res.exit_code == 0, res.output
+        again = json.loads((tmp_path / "e.json").read_text())
+        assert again["n_models"] == len(models)
+        assert again["per_class_iou"] == metrics["test"]["per_class_iou"]
+    res = CliRunner().invoke(app, ["segment-eval", str(root), str(out / "model"), "--split", "absent"])
+    assert res.exit_code != 0 and "no 'absent' split" in " ".join(res.output.split())
+
+
+def test_ensemble_averages_the_models_probabilities(tmp_path) -> None:
+    """Two models of different resolutions: the ensemble's class maps are the argmax of their mean
+    probabilities at the masks' size, scored like a single model."""
+    from hyads.data.datasets import load_segmentation_dataset
+    from hyads.segbench import evaluate_segmentation, segmentation_scores
+    from hyads.data.io import load_label_mask
+
+    ds = load_segmentation_dataset(_voc_folder(tmp_path / "voc"))
+    tr = ds.splits["train"]
+    models = []
+    for size in (64, 96):
+        m = HyADS(image_size=size, detectors=["patchcore"], ratio=0.2, seg_epochs=2, seed=0)
+        m.progress = False
+        models.append(m.fit_segmentation([p for p, _ in tr], [q for _, q in tr], ds.classes))
+    test = ds.splits["test"]
+    gts = [load_label_mask(q) for _, q in test]
+    probs = [m.predict_seg_probs([p for p, _ in test], size=gts[0].shape) for m in models]
+    assert probs[0].shape == (len(test), 3, *gts[0].shape)
+    np.testing.assert_allclose(probs[0].sum(1), 1.0, atol=1e-5)
+    expected = segmentation_scores((probs[0] + probs[1]).argmax(1), gts, ds.classes)
+    got = evaluate_segmentation(models, test, ds.classes)
+    assert got["per_class_iou"] == expected["per_class_iou"] and got["n_models"] == 2
 
 
 def test_federated_segmentation_head_command(tmp_path) -> None:

@@ -428,6 +428,43 @@ def segment(
     console.print((out / "results.md").read_text(), markup=False)
 
 
+@app.command("segment-eval")
+@_friendly
+def segment_eval(
+    data: Path = typer.Argument(..., help="Pixel-labelled dataset in the VOC layout (as for `hyads segment`)."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL...", help="One model directory, or several: their "
+                                        "class probabilities are averaged (an ensemble)."),
+    split: str = typer.Option("test", help="Split list to score (ImageSets/Segmentation/SPLIT.txt)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Override each model's flip TTA setting."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the scores as JSON."),
+) -> None:
+    """Score segmentation model(s) on a split: per-class IoU, mean IoU, binary IoU (no training)."""
+    from .data.datasets import load_segmentation_dataset
+    from .persist import load_model
+    from .segbench import evaluate_segmentation
+
+    loaded = [load_model(m) for m in models]
+    classes = loaded[0].config.seg_classes
+    ds = load_segmentation_dataset(data, list(classes) or None)
+    if split not in ds.splits or not ds.splits[split]:
+        raise HyADSError(f"{data}: no '{split}' split (have: {', '.join(k for k, v in ds.splits.items() if v)})")
+    for m in loaded:
+        if tta is not None:
+            m.config.seg_tta = tta
+    res = evaluate_segmentation(loaded, ds.splits[split], ds.classes)
+    res.update(models=[str(m) for m in models], split=split)
+    table = Table(title=f"{split}: {len(ds.splits[split])} images, {len(models)} model(s)")
+    table.add_column("figure")
+    table.add_column("%", justify="right")
+    for k, v in res["per_class_iou"].items():
+        table.add_row(f"IoU {k}", f"{100 * v:.2f}")
+    for k in ("miou_defect_classes", "miou_with_background", "binary_iou", "binary_dice"):
+        table.add_row(k, f"{100 * res[k]:.2f}")
+    console.print(table)
+    if out:
+        write_text_atomic(out, json.dumps(clean_json(res), indent=2))
+
+
 def _fed_settings(image_size: int, epsilon: float, delta0: float, clip: float, chunks: int, local_epochs: int,
                   max_local_images: int, seed: int, model: str = "feature-ae"):
     from .federated.fedshufde import FedSettings

@@ -6,28 +6,47 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import metrics as M
 from .data.datasets import SegDataset
 from .data.io import load_label_mask
+from .errors import HyADSError
 from .pipeline import HyADS
+from .segmentation import labels_from_probs
 from .utils import clean_json, write_text_atomic
 
 
-def evaluate_segmentation(model: HyADS, pairs: list[tuple[Path, Path]], classes: list[str]) -> dict[str, Any]:
+def evaluate_segmentation(model: HyADS | Sequence[HyADS], pairs: list[tuple[Path, Path]],
+                          classes: list[str]) -> dict[str, Any]:
+    """Scores of one model, or of an ensemble whose class probabilities are averaged (the models may differ in
+    resolution and detectors, not in classes), on (image, class-mask) pairs at the masks' own size."""
+    models = [model] if isinstance(model, HyADS) else list(model)
+    for m in models:
+        if list(m.config.seg_classes) != list(classes):
+            raise HyADSError(f"a model segments {m.config.seg_classes}, the dataset has {classes}")
     gts = [load_label_mask(m) for _, m in pairs]
-    shapes = {g.shape for g in gts}
     t0 = time.perf_counter()
-    if len(shapes) == 1:
-        pred = model.predict_labels([p for p, _ in pairs], size=shapes.pop())
+    if len(models) == 1 and len({g.shape for g in gts}) == 1:
+        pred: list[np.ndarray] | np.ndarray = models[0].predict_labels([p for p, _ in pairs], size=gts[0].shape)
     else:
-        pred = [model.predict_labels([p], size=g.shape)[0] for (p, _), g in zip(pairs, gts)]
+        pred = []
+        chunk = 32
+        for i in range(0, len(pairs), chunk):  # bounded memory: one chunk's probabilities at a time
+            part, part_gts = pairs[i : i + chunk], gts[i : i + chunk]
+            same = len({g.shape for g in part_gts}) == 1
+            groups = [(part, part_gts[0].shape)] if same else [([pp], g.shape) for pp, g in zip(part, part_gts)]
+            for items, shape in groups:
+                prob = sum(torch.from_numpy(m.predict_seg_probs([p for p, _ in items], size=shape)) for m in models)
+                pred.extend(labels_from_probs(prob / len(models)))
     seconds = time.perf_counter() - t0
-    return {**segmentation_scores(pred, gts, classes), "images_per_second": len(pairs) / seconds}
+    return {**segmentation_scores(pred, gts, classes), "images_per_second": len(pairs) / seconds,
+            "n_models": len(models)}
 
 
 def segmentation_scores(pred: list[np.ndarray] | np.ndarray, gts: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
