@@ -216,6 +216,12 @@ def test_segment_command_on_a_voc_layout_folder(tmp_path) -> None:
         again = json.loads((tmp_path / "e.json").read_text())
         assert again["n_models"] == len(models)
         assert again["per_class_iou"] == metrics["test"]["per_class_iou"]
+    assert CliRunner().invoke(app, ["export", str(out / "model")]).exit_code == 0
+    res = CliRunner().invoke(app, ["segment-eval", str(root), str(out / "model"), "--runtime", "onnx", "--out",
+                                   str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    onnx = json.loads((tmp_path / "e.json").read_text())
+    assert onnx["runtime"] == "onnx" and abs(onnx["miou_defect_classes"] - metrics["test"]["miou_defect_classes"]) < 0.02
     res = CliRunner().invoke(app, ["segment-eval", str(root), str(out / "model"), "--split", "absent"])
     assert res.exit_code != 0 and "no 'absent' split" in " ".join(res.output.split())
 

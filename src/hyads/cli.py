@@ -61,7 +61,8 @@ def _per_type_table(per_type: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-RUNTIME_HELP = "Feature extractor: torch | onnx | onnx-int8 (ONNX graphs from `hyads export`)."
+RUNTIME_HELP = ("Neural parts: torch | onnx | onnx-int8 (ONNX graphs from `hyads export`; with onnx-int8 only the "
+                "feature extractor is INT8).")
 
 
 def _load(model_path: Path, runtime: str = "torch", onnx_dir: Optional[Path] = None, threads: Optional[int] = None):
@@ -436,14 +437,14 @@ def segment_eval(
                                         "class probabilities are averaged (an ensemble)."),
     split: str = typer.Option("test", help="Split list to score (ImageSets/Segmentation/SPLIT.txt)."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Override each model's flip TTA setting."),
+    runtime: str = typer.Option("torch", help=RUNTIME_HELP + " Each model's graphs are read from MODEL/onnx."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the scores as JSON."),
 ) -> None:
     """Score segmentation model(s) on a split: per-class IoU, mean IoU, binary IoU (no training)."""
     from .data.datasets import load_segmentation_dataset
-    from .persist import load_model
     from .segbench import evaluate_segmentation
 
-    loaded = [load_model(m) for m in models]
+    loaded = [_load(m, runtime) for m in models]
     classes = loaded[0].config.seg_classes
     ds = load_segmentation_dataset(data, list(classes) or None)
     if split not in ds.splits or not ds.splits[split]:
@@ -452,7 +453,7 @@ def segment_eval(
         if tta is not None:
             m.config.seg_tta = tta
     res = evaluate_segmentation(loaded, ds.splits[split], ds.classes)
-    res.update(models=[str(m) for m in models], split=split)
+    res.update(models=[str(m) for m in models], split=split, runtime=runtime)
     table = Table(title=f"{split}: {len(ds.splits[split])} images, {len(models)} model(s)")
     table.add_column("figure")
     table.add_column("%", justify="right")
