@@ -4,22 +4,22 @@
 # `hyads bench` for every runtime at batch 1 and 8 with the default policy and with OMP_WAIT_POLICY=PASSIVE,
 # alternating, and prints one line per run.
 #
-#     bash benchmarks/omp_wait.sh MODEL_DIR [OUT_DIR]
+#     [REPS=2] bash benchmarks/omp_wait.sh MODEL_DIR [OUT_DIR]
 #
 # MODEL_DIR needs an ONNX export with an INT8 graph (`hyads export MODEL_DIR --int8`).
 set -euo pipefail
 model=${1:?MODEL_DIR}
 out=${2:-runs/omp_wait}
 mkdir -p "$out"
-for rep in 1 2; do
+for rep in $(seq 1 "${REPS:-2}"); do
   for runtime in torch onnx onnx-int8; do
     for batch in 1 8; do
       for policy in default PASSIVE; do
         f="$out/$policy-$runtime-b$batch-r$rep.json"
         if [ "$policy" = default ]; then
-          env -u OMP_WAIT_POLICY .venv/bin/hyads bench "$model" --runtime "$runtime" --batch "$batch" --threads 2 --out "$f" > /dev/null
+          env -u OMP_WAIT_POLICY .venv/bin/hyads bench "$model" --runtime "$runtime" --batch "$batch" --threads 2 --out "$f" > /dev/null 2>&1
         else
-          OMP_WAIT_POLICY=PASSIVE .venv/bin/hyads bench "$model" --runtime "$runtime" --batch "$batch" --threads 2 --out "$f" > /dev/null
+          OMP_WAIT_POLICY=PASSIVE .venv/bin/hyads bench "$model" --runtime "$runtime" --batch "$batch" --threads 2 --out "$f" > /dev/null 2>&1
         fi
         .venv/bin/python - "$f" "$policy" <<'PY'
 import json, sys
