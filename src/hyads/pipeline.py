@@ -541,14 +541,13 @@ class HyADS:
         parts = [self._seg_inputs(rgb) for rgb in self._batches(list(images), "segmentation inputs")]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _seg_prob_batches(self, images: Sequence[ImageLike], size: tuple[int, int] | None) -> Iterator[torch.Tensor]:
+    def _seg_prob_batches(self, images: Sequence[ImageLike], size: tuple[int, int]) -> Iterator[torch.Tensor]:
         """Per batch: head probabilities (B, n_out, H, W), averaged over the 4 flips with `seg_tta`."""
         from .segmentation import predict_probs
 
         self._require_fitted()
         if getattr(self, "seghead_", None) is None:
             raise NotFittedError("this model has no segmentation head: fit it with fit_segmentation()")
-        size = size or (self.config.image_size, self.config.image_size)
         flips = [(), (2,), (1,), (1, 2)] if self.config.seg_tta else [()]
         for rgb in self._batches(list(images), "segment"):
             prob = 0.0
@@ -562,16 +561,16 @@ class HyADS:
         """Segmentation-head class probabilities (N, n_out, H, W) float32 at `size` (default: the model
         resolution). Probabilities of several models, even of different resolutions, can be averaged into
         an ensemble (segbench.evaluate_segmentation does)."""
-        out = [p.numpy().astype(np.float32) for p in self._seg_prob_batches(images, size)]
         size = size or (self.config.image_size, self.config.image_size)
+        out = [p.numpy().astype(np.float32) for p in self._seg_prob_batches(images, size)]
         return np.concatenate(out) if out else np.zeros((0, self.seghead_.n_out, *size), np.float32)
 
     def predict_labels(self, images: Sequence[ImageLike], size: tuple[int, int] | None = None) -> np.ndarray:
         """Class maps (N, H, W) uint8 from the segmentation head (0 = background, i = seg_classes[i-1])."""
         from .segmentation import labels_from_probs
 
-        out = [labels_from_probs(p) for p in self._seg_prob_batches(images, size)]
         size = size or (self.config.image_size, self.config.image_size)
+        out = [labels_from_probs(p) for p in self._seg_prob_batches(images, size)]
         return np.concatenate(out) if out else np.zeros((0, *size), np.uint8)
 
     # -- inference -----------------------------------------------------------------------------------
