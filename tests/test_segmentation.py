@@ -138,6 +138,55 @@ def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> 
     np.testing.assert_array_equal(again.predict_labels(te), tta)
 
 
+def test_tuned_backbone_layers_start_from_the_frozen_features_and_train(tmp_path) -> None:
+    from hyads.errors import HyADSError
+    from hyads.features.backbones import build_backbone
+    from hyads.pipeline import _warm_start
+    from hyads.segmentation import predict_probs
+
+    tr, mtr = _labelled(12, 0)
+    va, mva = _labelled(6, 1)
+    te, _ = _labelled(4, 2)
+    opts = dict(image_size=128, detectors=["texture", "patchcore"], seg_fine_features=True, seed=0)
+    first = HyADS(**opts, seg_epochs=3)
+    first.progress = False
+    first.fit_segmentation(tr, mtr, ["scratch", "spot"], va, mva)
+    first.save(tmp_path / "first")
+    # Warm-started tuned head = the first head at initialisation: the tuned layers reproduce the frozen
+    # patch features (up to the float16 cache of their stride-4 input).
+    tuned = HyADS(**opts, seg_tune=True, seg_epochs=2, seg_lr=3e-4)
+    tuned.progress = False
+    grid, low = first.segmentation_inputs(te)
+    head = tuned._new_seghead(grid.shape[1], low.shape[1], 3)
+    _warm_start(head, tmp_path / "first")
+    p0, p1 = predict_probs(first.seghead_, grid, low, (128, 128)), predict_probs(head, grid, low, (128, 128))
+    assert float((p0 - p1).abs().max()) < 0.02
+    # Second stage: the kept head is never worse on validation than the warm start (epoch 0).
+    tuned.fit_segmentation(tr, mtr, ["scratch", "spot"], va, mva, init_head=tmp_path / "first")
+    hist = tuned.fit_info_["segmentation"]["history"]
+    assert hist[0]["epoch"] == 0 and len(hist) == 3
+    best = max(h["val_miou_defects"] for h in hist)
+    kept = np.nanmean(M.class_iou(tuned.predict_labels(va), np.stack(mva), 3)[1:])
+    assert kept == pytest.approx(best, abs=1e-6)
+    # The tuned copy moved, the backbone PatchCore uses did not.
+    fresh = build_backbone("efficientnet_lite0")
+    w_tuned = tuned.seghead_.tuned.tail.layers[0]._expand_conv.weight
+    assert not torch.equal(w_tuned, fresh._blocks[3]._expand_conv.weight)
+    assert torch.equal(tuned.backbone_._blocks[3]._expand_conv.weight, fresh._blocks[3]._expand_conv.weight)
+    assert not any(p.requires_grad for p in tuned.backbone_.parameters())
+    pred = tuned.predict_labels(te)
+    tuned.save(tmp_path / "tuned")
+    again = HyADS.load(tmp_path / "tuned")
+    assert again.config.seg_tune and again.seghead_.tuned is not None
+    np.testing.assert_array_equal(again.predict_labels(te), pred)
+    # A head of another shape is refused by name; seg_tune without the stride-4 input is a config error.
+    other = HyADS(**opts, seg_tune=True, seg_depth=4)._new_seghead(grid.shape[1], low.shape[1], 3)
+    with pytest.raises(HyADSError, match="does not fit"):
+        _warm_start(other, first)
+    with pytest.raises(HyADSError, match="seg_tune"):
+        HyADS(image_size=128, seg_tune=True)
+
+
 def test_fit_segmentation_rejects_bad_masks() -> None:
     from hyads.errors import HyADSError
 
@@ -224,6 +273,17 @@ def test_segment_command_on_a_voc_layout_folder(tmp_path) -> None:
     assert onnx["runtime"] == "onnx" and abs(onnx["miou_defect_classes"] - metrics["test"]["miou_defect_classes"]) < 0.02
     res = CliRunner().invoke(app, ["segment-eval", str(root), str(out / "model"), "--split", "absent"])
     assert res.exit_code != 0 and "no 'absent' split" in " ".join(res.output.split())
+    # Second stage from the saved head; bad second-stage options fail in one line before any fitting.
+    base = ["segment", str(root), "--detectors", "patchcore", "--image-size", "64", "--epochs", "1", "--ratio", "0.2",
+            "--out", str(tmp_path / "two")]
+    res = CliRunner().invoke(app, [*base, "--init-head", str(out / "model")])
+    assert res.exit_code == 0, res.output
+    hist = json.loads((tmp_path / "two" / "model" / "model.json").read_text())["state"]["fit_info"]["segmentation"]
+    assert hist["init_head"] == str(out / "model") and hist["history"][0]["epoch"] == 0
+    res = CliRunner().invoke(app, [*base, "--tune"])
+    assert res.exit_code == 2 and "seg_tune" in res.output
+    res = CliRunner().invoke(app, [*base, "--init-head", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "nowhere" in " ".join(res.output.split())
 
 
 def test_ensemble_averages_the_models_probabilities(tmp_path) -> None:

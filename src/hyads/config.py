@@ -79,6 +79,11 @@ class HyADSConfig:
     seg_context: int = 0
     # Train the head under bfloat16 autocast (about 2x faster where the CPU has native bf16; see SegHeadTrainer).
     seg_bf16: bool = False
+    # Fine-tune a copy of the backbone layers between the stride-4 tap and the last patch tap inside the head
+    # (fed by the cached stride-4 map; needs seg_features and seg_fine_features). The copy used by PatchCore
+    # stays frozen. seg_tune_lr is its learning rate (the head uses seg_lr).
+    seg_tune: bool = False
+    seg_tune_lr: float = 1e-4
     # Test-time augmentation: average the head's probabilities over the 4 flips of the image (4x the cost).
     seg_tta: bool = False
     seg_patience: int = 5
@@ -125,6 +130,9 @@ class HyADSConfig:
             raise bad("seg_depth", "must be >= 1")
         if self.seg_context < 0:
             raise bad("seg_context", "must be >= 0")
+        if self.seg_tune and not (self.seg_features and self.seg_fine_features):
+            raise bad("seg_tune", "needs seg_features and seg_fine_features (the tuned layers start from the "
+                      "stride-4 map and replace the frozen patch features)")
         if self.knn_dim < 0:
             raise bad("knn_dim", "must be >= 0")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1:

@@ -6,6 +6,7 @@ in attributes ending in `_`. Higher scores mean more anomalous (the PyOD convent
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from .detectors.patchcore import MemoryBank, NearestNeighbourIndex, Reservoir
 from .features import texture as tex
 from .fusion import fuse, map_stats, search_weights
 from .errors import HyADSError, NotFittedError
-from .features.backbones import build_backbone
+from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
 from .thresholds import Calibration, calibrate
 
@@ -452,6 +453,7 @@ class HyADS:
         classes: Sequence[str],
         val_images: Sequence[ImageLike] | None = None,
         val_masks: Sequence[Any] | None = None,
+        init_head: "HyADS | str | Path | None" = None,
     ) -> "HyADS":
         """Fit the unsupervised detectors on the normal pixels of labelled images, then the segmentation head.
 
@@ -459,8 +461,12 @@ class HyADS:
         `seg_crossfit`, the detectors kept in the model are fitted on one half of the images and the head's
         inputs for that half come from detectors fitted on the other half (no image's maps come from a bank
         holding its own patches). `val_images`/`val_masks` pick the best epoch (validation mean IoU).
+        `init_head` (a fitted model or its folder) starts the head from that model's head instead of from
+        scratch - a second training stage, e.g. with `seg_tune` after a frozen-feature stage; its tuned layers,
+        if it has none, start from the backbone. The detectors are refitted here either way (same config and
+        seed give the same detectors).
         """
-        from .segmentation import SegHead, SegHeadTrainer
+        from .segmentation import SegHeadTrainer
 
         c = self.config
         images, classes = list(images), [str(k) for k in classes]
@@ -473,6 +479,11 @@ class HyADS:
         if y.max() > len(classes):
             raise HyADSError(f"masks contain class {int(y.max())} but only {len(classes)} classes are named")
         c.seg_classes = classes
+        init_name = None if init_head is None or isinstance(init_head, HyADS) else str(init_head)
+        if init_name is not None:
+            init_head = HyADS.load(init_name)  # a bad folder fails now, not after the long detector fit
+        if init_head is not None and list(init_head.config.seg_classes) != classes:
+            raise HyADSError(f"{init_name or 'init_head'}: segments {init_head.config.seg_classes}, not {classes}")
         grid, low, y = self.fit_segmentation_inputs(images, y)
         val = None
         if val_images is not None and val_masks is not None and len(val_images):
@@ -480,15 +491,32 @@ class HyADS:
             val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
         torch.manual_seed(c.seed)
         n_out = 1 if len(classes) == 1 else len(classes) + 1
-        self.seghead_ = SegHead(grid.shape[1], low.shape[1], n_out, c.seg_width, c.seg_depth, c.seg_dilated,
-                                c.seg_context)
+        self.seghead_ = self._new_seghead(grid.shape[1], low.shape[1], n_out)
+        if init_head is not None:
+            _warm_start(self.seghead_, init_head)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
-                                 progress=self.progress, bf16=c.seg_bf16)
-        trainer.fit(self.seghead_, grid, low, y, val)
+                                 progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr)
+        trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
+                                          "init_head": init_name,
                                           "history": trainer.history_}
         return self
+
+    def _new_seghead(self, grid_channels: int, low_channels: int, n_out: int) -> "SegHead":
+        """A segmentation head for this config; with `seg_tune` it holds a trainable copy of the backbone's
+        deep layers (initialised from this model's backbone, which stays frozen for PatchCore)."""
+        from .segmentation import SegHead, TunedFeatures
+
+        c = self.config
+        tuned = None
+        if c.seg_tune:
+            if getattr(self, "backbone_", None) is None:
+                self._build_features()
+            tuned = TunedFeatures(BackboneTail(self.backbone_), copy.deepcopy(self.embedder_),
+                                  self.backbone_.fine_channels)
+        return SegHead(grid_channels, low_channels, n_out, c.seg_width, c.seg_depth, c.seg_dilated, c.seg_context,
+                       tuned)
 
     def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fit the unsupervised detectors on the normal pixels of labelled images and return the head's
@@ -664,12 +692,27 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
         from .segmentation import SegHead
 
         sg = state["seg"]
-        model.seghead_ = SegHead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]),
-                                 int(sg["width"]), config.seg_depth, config.seg_dilated, config.seg_context)
+        model.seghead_ = model._new_seghead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]))
         sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
         model.seghead_.load_state_dict(sd, strict=True)
         model.seghead_.eval()
     return model
+
+
+def _warm_start(head: "SegHead", source: "HyADS | str | Path") -> None:
+    """Copy a fitted model's segmentation head into `head` (same inputs and layout required). Tuned layers
+    the source lacks keep their backbone initialisation; anything else that does not match is an error."""
+    src = source if isinstance(source, HyADS) else HyADS.load(source)
+    other = getattr(src, "seghead_", None)
+    if other is None:
+        raise HyADSError(f"{source}: has no segmentation head to start from")
+    mine, theirs = head.state_dict(), other.state_dict()
+    wrong = [k for k, v in theirs.items() if k not in mine or mine[k].shape != v.shape]
+    missing = [k for k in mine if k not in theirs and not k.startswith("tuned.")]
+    if wrong or missing:
+        raise HyADSError(f"{source}: its segmentation head does not fit this config (differs in "
+                         f"{', '.join((wrong + missing)[:5])}); use the same head options and input features")
+    head.load_state_dict(theirs, strict=False)
 
 
 def export_state(model: HyADS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

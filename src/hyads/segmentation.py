@@ -6,6 +6,9 @@ Used when pixel labels exist. The head is a pure `nn.Module` working at 1/4 of t
   backbone patch features PatchCore already computes (they carry most of the "which defect class" signal);
   projected by a 1x1 conv, optionally through a few dilated context layers at stride 8 (a large receptive
   field at a quarter of the stride-4 cost), and upsampled x2;
+- optionally (`tuned`, config `seg_tune`) the backbone patch features are recomputed inside the head by a
+  trainable copy of the backbone's deep layers fed by the cached stride-4 map, so they can adapt to the
+  defects (ImageNet features are the ceiling of a frozen head); they replace the frozen ones in the grid;
 - low inputs at stride 4: the grey image and every detector's anomaly map, average-pooled x4;
 - an input BatchNorm puts all channels on one scale (maps from different detectors and folds included), then
   a few Conv3x3-BN-ReLU layers and a 1x1 classifier; logits are upsampled bilinearly to any output size.
@@ -35,18 +38,38 @@ def _cbr(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class TunedFeatures(nn.Module):
+    """Stride-4 map (B, Cf, 2g, 2g) -> patch features (B, D, g, g): a trainable backbone tail
+    (features.backbones.BackboneTail) followed by the same fixed patch embedder PatchCore uses, so at
+    initialisation it reproduces the frozen patch features exactly."""
+
+    def __init__(self, tail: nn.Module, embedder: nn.Module, in_channels: int):
+        super().__init__()
+        self.tail, self.embedder, self.in_channels = tail, embedder, in_channels
+        self.out_dim = int(embedder.out_dim)
+
+    def forward(self, fine: torch.Tensor) -> torch.Tensor:
+        return self.embedder(self.tail(fine))
+
+
 class SegHead(nn.Module):
     """(grid (B, Cg, g, g), low (B, Cl, 2g, 2g)) -> logits (B, n_out, 2g, 2g)."""
 
     def __init__(self, grid_channels: int, low_channels: int, n_out: int, width: int = 64, depth: int = 3,
-                 dilated: bool = False, context: int = 0):
+                 dilated: bool = False, context: int = 0, tuned: TunedFeatures | None = None):
         """dilated: body layer i uses dilation 2**i (1, 2, 4 for depth 3): a 15-cell (60 px at stride 4)
         receptive field instead of 7 at the same cost, for long scratches and large patches.
         context: Conv3x3-BN-ReLU layers (2 * width channels, dilations 1, 2, 4, ...) on the stride-8 grid
         branch before it is upsampled; each costs what one stride-4 body layer costs and sees 4x the area,
-        so the class decision (inclusion vs scratch) can use the whole defect."""
+        so the class decision (inclusion vs scratch) can use the whole defect.
+        tuned: recomputes the last `tuned.out_dim` grid channels (the frozen patch features) from the last
+        `tuned.in_channels` low channels (the backbone's stride-4 map) with trainable layers."""
         super().__init__()
         self.grid_channels, self.low_channels, self.n_out = grid_channels, low_channels, n_out
+        if tuned is not None and (tuned.out_dim > grid_channels or tuned.in_channels > low_channels):
+            raise ValueError(f"tuned features ({tuned.in_channels} -> {tuned.out_dim} channels) do not fit the "
+                             f"head inputs ({low_channels} low, {grid_channels} grid channels)")
+        self.tuned = tuned
         self.grid_norm = nn.BatchNorm2d(grid_channels) if grid_channels else None
         gw = 2 * width if context else width
         self.grid_proj = _cbr(grid_channels, gw, 1) if grid_channels else None
@@ -61,6 +84,9 @@ class SegHead(nn.Module):
 
     def forward(self, grid: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         parts = [self.low_proj(self.low_norm(low))]
+        if self.tuned is not None:
+            feats = self.tuned(low[:, low.shape[1] - self.tuned.in_channels :])
+            grid = torch.cat([grid[:, : grid.shape[1] - self.tuned.out_dim], feats.to(grid.dtype)], 1)
         if self.grid_proj is not None:
             g = self.grid_proj(self.grid_norm(grid))
             if self.grid_context is not None:
@@ -94,23 +120,38 @@ class SegHeadTrainer:
     """Trains a SegHead on cached inputs; keeps the epoch with the best validation mean IoU."""
 
     def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 16, patience: int = 5,
-                 seed: int = 0, progress: bool = True, bf16: bool = False):
+                 seed: int = 0, progress: bool = True, bf16: bool = False, tune_lr: float = 1e-4):
         """bf16: run the head's forward under bfloat16 autocast while training (weights, loss and
         prediction stay float32): about 2x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower where
-        it is emulated."""
+        it is emulated. tune_lr: learning rate of the head's tuned backbone layers (pretrained weights want a
+        smaller step than the freshly initialised head)."""
         self.epochs, self.lr, self.batch_size, self.patience = epochs, lr, batch_size, patience
+        self.tune_lr = tune_lr
         self.seed, self.progress, self.bf16 = seed, progress, bf16
         self.history_: list[dict[str, float]] = []
 
     def fit(self, head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.ndarray,
-            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SegHead:
-        """grid (N, Cg, g, g), low (N, Cl, 2g, 2g), target (N, H, W) int class maps (0 = background)."""
+            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, warm_start: bool = False) -> SegHead:
+        """grid (N, Cg, g, g), low (N, Cl, 2g, 2g), target (N, H, W) int class maps (0 = background).
+        warm_start: the head arrives trained (second stage of a two-stage fit); its validation score before
+        any step counts as epoch 0, so the kept head is never worse on validation than the one passed in."""
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         n_classes = max(2, head.n_out)
-        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=1e-4)
+        tuned = [p for n, p in head.named_parameters() if n.startswith("tuned.")]
+        rest = [p for n, p in head.named_parameters() if not n.startswith("tuned.")]
+        groups = [{"params": rest, "lr": self.lr}] + ([{"params": tuned, "lr": self.tune_lr}] if tuned else [])
+        opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs))
         best, best_state, bad = -math.inf, copy.deepcopy(head.state_dict()), 0
+
+        def val_miou() -> float:
+            pred = predict_labels(head, val[0], val[1], val[2].shape[-2:])
+            return float(np.nanmean(M.class_iou(pred, val[2], n_classes)[1:]))
+
+        if warm_start and val is not None:
+            best = val_miou()
+            self.history_.append({"epoch": 0, "val_miou_defects": best})
         bar = tqdm(range(self.epochs), desc="segmentation head", unit="epoch", disable=not self.progress,
                    leave=False)
         for epoch in bar:
@@ -118,9 +159,7 @@ class SegHeadTrainer:
             sched.step()
             record = {"epoch": epoch + 1, "train_loss": loss}
             if val is not None:
-                pred = predict_labels(head, val[0], val[1], val[2].shape[-2:])
-                ious = M.class_iou(pred, val[2], n_classes)
-                record["val_miou_defects"] = float(np.nanmean(ious[1:]))
+                record["val_miou_defects"] = val_miou()
             self.history_.append(record)
             score = record.get("val_miou_defects", -record["train_loss"])
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_miou=f"{score:.3f}")

@@ -10,6 +10,7 @@ and stop the forward pass after the last tap, so the unused deep layers cost not
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -122,6 +123,10 @@ class EfficientNetLite0(nn.Module):
     # Last block at stride 4 (24 ch): the segmentation head's optional fine branch.
     fine_tap = 2
 
+    @property
+    def fine_channels(self) -> int:
+        return self._blocks[self.fine_tap]._bn2.num_features
+
     def features(self, x: torch.Tensor, taps: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """x: RGB in [0, 1], (B, 3, H, W). Returns one map per tap (default: self.taps), shallow first."""
         taps = self.taps if taps is None else taps
@@ -196,6 +201,7 @@ class ResNet18(nn.Module):
         return tuple((2, 4, 8, 16, 32)[i] for i in self.taps)
 
     fine_tap = 1  # layer1: stride 4, 64 ch
+    fine_channels = 64
 
     def features(self, x: torch.Tensor, taps: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         taps = self.taps if taps is None else taps
@@ -214,6 +220,50 @@ class ResNet18(nn.Module):
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class BackboneTail(nn.Module):
+    """Trainable copy of a backbone's layers after its fine (stride-4) tap, up to its last patch tap.
+
+    Input: the fine tap's map (B, C, H/4, W/4); output: the patch taps' maps, as `features` gives them. Lets
+    the segmentation head fine-tune the deep layers on labelled defects while the stem and early blocks stay
+    frozen (their output is already cached as the head's fine input, so training never reruns them).
+    BatchNorm layers keep the ImageNet running statistics (always in eval mode): batches of a few
+    near-identical steel images would give poor estimates; their affine parameters still train.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        fine, taps = backbone.fine_tap, tuple(backbone.taps)
+        if min(taps) <= fine:
+            raise HyADSError(f"backbone taps {taps} must all come after the fine tap {fine}")
+        idx = range(fine + 1, max(taps) + 1)
+        if isinstance(backbone, EfficientNetLite0):
+            layers = [backbone._blocks[i] for i in idx]
+        elif isinstance(backbone, ResNet18):
+            layers = [getattr(backbone, f"layer{i}") for i in idx]
+        else:
+            raise HyADSError(f"no trainable tail for backbone {type(backbone).__name__}")
+        self.layers = nn.ModuleList(copy.deepcopy(m) for m in layers)
+        self.tap_pos = tuple(t - fine - 1 for t in taps)
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "BackboneTail":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i in self.tap_pos:
+                out.append(x)
+        return out
 
 
 def packaged_lite0_weights() -> Path:
