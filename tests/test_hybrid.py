@@ -21,6 +21,11 @@ def test_texture_descriptor_shapes_and_range():
     assert d.shape == (16, 16, tex.DIM)
     np.testing.assert_allclose(d[..., : tex.LBP_BINS].sum(-1), 1.0, atol=1e-5)  # LBP histograms
     assert np.isfinite(d).all()
+    # A batch described in parallel threads equals the serial description, image by image.
+    batch = np.stack([make_surface(rng, 128, kind) for kind in ("brushed", "weave", "brushed", "weave")])
+    serial = tex.batch_descriptors(batch, threads=1)
+    np.testing.assert_array_equal(tex.batch_descriptors(batch, threads=2), serial)
+    np.testing.assert_array_equal(serial[2:3], tex.batch_descriptors(batch[2:3]))
 
 
 def test_texture_map_higher_on_scratch_than_clean_texture(tmp_path):

@@ -39,11 +39,25 @@ def texture_descriptors(gray: np.ndarray) -> np.ndarray:
     return np.concatenate([lbp, h], axis=2)
 
 
-def batch_descriptors(rgb: np.ndarray, neighbourhood: int = 3) -> np.ndarray:
-    """(B, S, S, 3) -> (B, g, g, 46), each cell averaged with its k x k neighbours (local histograms)."""
+def batch_descriptors(rgb: np.ndarray, neighbourhood: int = 3, threads: int | None = None) -> np.ndarray:
+    """(B, S, S, 3) -> (B, g, g, 46), each cell averaged with its k x k neighbours (local histograms).
+
+    Images are described in parallel threads (default: torch's thread count, which `--threads` sets):
+    scikit-image's LBP and HOG kernels release the GIL, and they are single-threaded per image."""
     from scipy.ndimage import uniform_filter
 
-    out = np.stack([texture_descriptors(to_gray(x)) for x in rgb])
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    threads = max(1, min(int(threads), len(rgb)))
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            out = np.stack(list(pool.map(lambda x: texture_descriptors(to_gray(x)), rgb)))
+    else:
+        out = np.stack([texture_descriptors(to_gray(x)) for x in rgb])
     if neighbourhood > 1:
         out = uniform_filter(out, size=(1, neighbourhood, neighbourhood, 1), mode="nearest")
     return out
