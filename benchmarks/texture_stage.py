@@ -64,7 +64,10 @@ def main() -> None:
         return model._texture_maps(rgb, smoothed)
 
     stages = {"LBP codes": lbp_codes, "LBP histograms": lbp_hist, "HOG": hogs, "3x3 neighbourhood": neighbourhood,
-              "bank search + map": search, "whole stage (batch_descriptors + maps)": lambda: model._texture_maps(rgb)}
+              "bank search + map": search,
+              "descriptors, 1 thread": lambda: tex.batch_descriptors(rgb, threads=1),
+              f"descriptors, {a.threads} threads": lambda: tex.batch_descriptors(rgb, threads=a.threads),
+              "whole stage (descriptors + maps)": lambda: model._texture_maps(rgb)}
     print(f"{len(paths)} images at {S} px, texture bank {len(model.texture_reservoir_.filled)} x {tex.DIM}")
     for name, fn in stages.items():
         fn()
