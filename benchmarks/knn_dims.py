@@ -25,33 +25,41 @@ from hyads.detectors.patchcore import NearestNeighbourIndex
 from hyads.pipeline import _to_rgb
 
 
-def main(model_dir: str, data: str, reps: int = 40) -> None:
+def timed_pass(sess, x: np.ndarray, q: np.ndarray, per_image: int, search, batch: int) -> tuple[float, float]:
+    """(feature-extractor seconds, search seconds) over the images `x`, each batch's search right after its
+    feature call: a search path that leaves threads spinning shows up in the next feature call."""
+    feat = knn = 0.0
+    for i in range(0, len(x), batch):
+        t0 = time.perf_counter()
+        sess.run(None, {"image": x[i : i + batch]})
+        t1 = time.perf_counter()
+        search(q[i * per_image : (i + batch) * per_image])
+        feat, knn = feat + t1 - t0, knn + time.perf_counter() - t1
+    return feat, knn
+
+
+def setup(model_dir: str, data: str, graph: str = "features.onnx"):
+    """(model, images (8, 3, S, S), their patch-feature queries, queries per image, ONNX Runtime session)."""
     torch.set_num_threads(2)
     model = HyADS.load(model_dir)
     model.progress = False
     rgb = np.stack([_to_rgb(s.path, model.config.image_size) for s in load_dataset(data).test[:8]])
     patches = model._patches_torch(rgb)
     q = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]), dtype=np.float32)
-    per_image = len(q) // len(rgb)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(Path(model_dir) / "onnx" / "features.onnx"), so, providers=["CPUExecutionProvider"])
-    x = rgb.transpose(0, 3, 1, 2).astype(np.float32).copy()
+    sess = ort.InferenceSession(str(Path(model_dir) / "onnx" / graph), so, providers=["CPUExecutionProvider"])
+    return model, rgb.transpose(0, 3, 1, 2).astype(np.float32).copy(), q, len(q) // len(rgb), sess
+
+
+def main(model_dir: str, data: str, reps: int = 40) -> None:
+    model, x, q, per_image, sess = setup(model_dir, data)
     bank = model.bank_.bank_
     indexes = {dim: NearestNeighbourIndex(bank, "ivf", nprobe=1, pca_dim=dim) for dim in (0, 64, 48)}
 
     def one_pass(search, batch: int) -> tuple[float, float]:
-        """(feature-extractor seconds, search seconds) over the 8 images: a search path that leaves threads
-        spinning shows up in the next feature call."""
-        feat = knn = 0.0
-        for i in range(0, len(x), batch):
-            t0 = time.perf_counter()
-            sess.run(None, {"image": x[i : i + batch]})
-            t1 = time.perf_counter()
-            search(q[i * per_image : (i + batch) * per_image])
-            feat, knn = feat + t1 - t0, knn + time.perf_counter() - t1
-        return feat, knn
+        return timed_pass(sess, x, q, per_image, search, batch)
 
     rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(reps):

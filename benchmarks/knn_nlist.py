@@ -11,47 +11,22 @@ images; rows alternate so drift hits all of them.
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
 
-from hyads import HyADS
-from hyads.data import load_dataset
 from hyads.detectors.patchcore import NearestNeighbourIndex
-from hyads.pipeline import _to_rgb
+from knn_dims import setup, timed_pass  # sibling script (benchmarks/ is on sys.path when run as a script)
 
 
 def main(model_dir: str, data: str, nlists: list[int], reps: int = 40) -> None:
-    torch.set_num_threads(2)
-    model = HyADS.load(model_dir)
-    model.progress = False
+    model, x, q, per_image, sess = setup(model_dir, data, "features.int8.onnx")
     c = model.config
-    rgb = np.stack([_to_rgb(s.path, c.image_size) for s in load_dataset(data).test[:8]])
-    patches = model._patches_torch(rgb)
-    q = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]), dtype=np.float32)
-    per_image = len(q) // len(rgb)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(Path(model_dir) / "onnx" / "features.int8.onnx"), so,
-                                providers=["CPUExecutionProvider"])
-    x = rgb.transpose(0, 3, 1, 2).astype(np.float32).copy()
     bank = model.bank_.bank_
     exact = NearestNeighbourIndex(bank, "flat", pca_dim=c.knn_dim).search(q)
     indexes = {n: NearestNeighbourIndex(bank, "ivf", nlist=n, nprobe=1, seed=c.seed, pca_dim=c.knn_dim) for n in nlists}
 
     def one_pass(search, batch: int) -> tuple[float, float]:
-        feat = knn = 0.0
-        for i in range(0, len(x), batch):
-            t0 = time.perf_counter()
-            sess.run(None, {"image": x[i : i + batch]})
-            t1 = time.perf_counter()
-            search(q[i * per_image : (i + batch) * per_image])
-            feat, knn = feat + t1 - t0, knn + time.perf_counter() - t1
-        return feat, knn
+        return timed_pass(sess, x, q, per_image, search, batch)
 
     rows: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for _ in range(reps):
