@@ -130,6 +130,10 @@ class HyADSConfig:
             raise bad("seg_depth", "must be >= 1")
         if self.seg_context < 0:
             raise bad("seg_context", "must be >= 0")
+        if self.seg_patience < 1:
+            raise bad("seg_patience", "must be >= 1")
+        if self.seg_lr <= 0 or self.seg_tune_lr <= 0:
+            raise bad("seg_lr" if self.seg_lr <= 0 else "seg_tune_lr", "must be > 0")
         if self.seg_tune and not (self.seg_features and self.seg_fine_features):
             raise bad("seg_tune", "needs seg_features and seg_fine_features (the tuned layers start from the "
                       "stride-4 map and replace the frozen patch features)")

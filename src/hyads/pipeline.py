@@ -11,7 +11,7 @@ import datetime as _dt
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .errors import HyADSError, NotFittedError
 from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
 from .thresholds import Calibration, calibrate
+
+if TYPE_CHECKING:
+    from .segmentation import SegHead
 
 ImageLike = Union[str, Path, np.ndarray]
 
@@ -503,7 +506,7 @@ class HyADS:
                                           "history": trainer.history_}
         return self
 
-    def _new_seghead(self, grid_channels: int, low_channels: int, n_out: int) -> "SegHead":
+    def _new_seghead(self, grid_channels: int, low_channels: int, n_out: int) -> SegHead:
         """A segmentation head for this config; with `seg_tune` it holds a trainable copy of the backbone's
         deep layers (initialised from this model's backbone, which stays frozen for PatchCore)."""
         from .segmentation import SegHead, TunedFeatures
@@ -689,8 +692,6 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
     model.normal_scores_ = np.asarray(tensors["normal_scores"], dtype=np.float64)
     model.fit_info_ = dict(state["fit_info"])
     if "seg" in state:
-        from .segmentation import SegHead
-
         sg = state["seg"]
         model.seghead_ = model._new_seghead(int(sg["grid_channels"]), int(sg["low_channels"]), int(sg["n_out"]))
         sd = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("seg.")}
@@ -699,7 +700,7 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
     return model
 
 
-def _warm_start(head: "SegHead", source: "HyADS | str | Path") -> None:
+def _warm_start(head: SegHead, source: HyADS | str | Path) -> None:
     """Copy a fitted model's segmentation head into `head` (same inputs and layout required). Tuned layers
     the source lacks keep their backbone initialisation; anything else that does not match is an error."""
     src = source if isinstance(source, HyADS) else HyADS.load(source)
