@@ -51,13 +51,17 @@ def batch_descriptors(rgb: np.ndarray, neighbourhood: int = 3, threads: int | No
 
         threads = torch.get_num_threads()
     threads = max(1, min(int(threads), len(rgb)))
+
+    def describe(x: np.ndarray) -> np.ndarray:
+        return texture_descriptors(to_gray(x))
+
     if threads > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads) as pool:
-            out = np.stack(list(pool.map(lambda x: texture_descriptors(to_gray(x)), rgb)))
+            out = np.stack(list(pool.map(describe, rgb)))
     else:
-        out = np.stack([texture_descriptors(to_gray(x)) for x in rgb])
+        out = np.stack(list(map(describe, rgb)))
     if neighbourhood > 1:
         out = uniform_filter(out, size=(1, neighbourhood, neighbourhood, 1), mode="nearest")
     return out
