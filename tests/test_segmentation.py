@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hyads import HyADS
 from hyads import metrics as M
 from hyads.data.synth import add_defect, make_surface
-from hyads.segmentation import SegHead, seg_loss
+from hyads.segmentation import SegHead, seg_loss, train_epoch
 
 
 def _labelled(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -115,6 +116,62 @@ def test_fit_segmentation_learns_classes_and_round_trips(tmp_path) -> None:
     model.save(tmp_path / "m")
     again = HyADS.load(tmp_path / "m")
     np.testing.assert_array_equal(again.predict_labels(te), pred)
+
+
+class _Echo(torch.nn.Module):
+    """A 'head' whose logits are its first low input channel: its loss is low only where input and target
+    are aligned."""
+
+    n_out = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, grid: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return 20 * self.w * (low[:, :1] - 0.5)
+
+
+def test_flip_views_pair_each_view_with_its_flipped_target() -> None:
+    """Low channel 0 is an L-shaped mask (no flip symmetry); the views hold the flipped images' inputs. Each
+    batch's target must be flipped with its view, else 3 of 4 batches pair a mask with the wrong place."""
+    rng = np.random.default_rng(0)
+    n = 64
+    y = np.zeros((n, 64, 64), np.int64)
+    for i in range(n):
+        r, c = rng.integers(4, 36, 2)
+        y[i, r : r + 20, c : c + 4] = 1
+        y[i, r + 16 : r + 20, c : c + 20] = 1
+    low = F.avg_pool2d(torch.from_numpy(y[:, None].astype(np.float32)), 2).numpy()
+    empty = np.zeros((n, 0, 16, 16), np.float16)
+    views = [(empty, np.ascontiguousarray(np.flip(low, tuple(a + 1 for a in ax))), ax)
+             for ax in ((2,), (1,), (1, 2))]
+    head = _Echo()
+    opt = torch.optim.SGD(head.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+    aligned = train_epoch(head, empty, low, y, opt, gen, 8)  # cached inputs flipped with the target
+    with_views = train_epoch(head, empty, low, y, opt, gen, 8, views=views)
+    misaligned = train_epoch(head, empty, low, y, opt, gen, 8,
+                             views=[(g, lo, ()) for g, lo, _ in views])  # flipped inputs, target left alone
+    assert with_views < 0.2 and abs(with_views - aligned) < 0.05
+    assert misaligned > 0.5
+
+
+def test_fit_with_flip_views_uses_the_flipped_images_inputs() -> None:
+    tr, mtr = _labelled(8, 0)
+    model = HyADS(image_size=128, detectors=["texture", "patchcore"], seg_epochs=2, seg_flip_views=True, seed=0)
+    model.progress = False
+    model.config.seg_crossfit = False
+    grid, low, y, views = model.fit_segmentation_inputs(tr, np.stack(mtr), [(2,), (1,)])
+    assert [v[2] for v in views] == [(2,), (1,)]
+    g2, l2 = model.segmentation_inputs([np.ascontiguousarray(im[::-1]) for im in tr])
+    np.testing.assert_array_equal(views[1][0], g2)
+    np.testing.assert_array_equal(views[1][1], l2)
+    # The backbone is not flip-equivariant: the flipped images' features are not the flipped features.
+    assert not np.allclose(views[0][0], np.flip(grid, -1), atol=1e-2)
+    model.config.seg_crossfit = True
+    model.fit_segmentation(tr, mtr, ["scratch", "spot"])
+    assert len(model.fit_info_["segmentation"]["history"]) == 2
 
 
 def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> None:

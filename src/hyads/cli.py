@@ -412,6 +412,8 @@ def segment(
     bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="Train the head under bfloat16 autocast (~2x faster on CPUs with AVX512-BF16/AMX)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Average predictions over the 4 flips of each image (4x inference cost)."),
     tune: bool = typer.Option(False, "--tune/--no-tune", help="Fine-tune a copy of the backbone's deep layers inside the head (needs --fine)."),
+    flip_views: bool = typer.Option(False, "--flip-views/--no-flip-views", help="Flip augmentation from the inputs of "
+                                    "flipped images (4x input cost and memory) rather than flipped cached inputs."),
     lr: float = typer.Option(1e-3, help="Head learning rate (Adam, cosine schedule)."),
     patience: int = typer.Option(5, help="Stop after this many epochs without a better validation mean IoU."),
     tune_lr: float = typer.Option(1e-4, help="Learning rate of the tuned backbone layers (--tune)."),
@@ -430,7 +432,8 @@ def segment(
     model = HyADS(image_size=image_size, detectors=[d.strip() for d in detectors.split(",") if d.strip()],
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
                   seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seg_context=context,
-                  seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience, seed=seed)
+                  seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience,
+                  seg_flip_views=flip_views, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train, init_head=init_head)
     console.print((out / "results.md").read_text(), markup=False)
 

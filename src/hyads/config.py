@@ -87,6 +87,11 @@ class HyADSConfig:
     # Test-time augmentation: average the head's probabilities over the 4 flips of the image (4x the cost).
     seg_tta: bool = False
     seg_patience: int = 5
+    # Flip augmentation of the head from the head inputs of flipped *images* (computed once, 4x the input
+    # cost and memory) instead of flipping the cached inputs: CNN features are not flip-equivariant (oriented
+    # filters; stride-2 'SAME' padding puts each map half a cell off-centre), so flipped cached features are
+    # inputs no real image produces, misaligned with the flipped mask.
+    seg_flip_views: bool = False
     # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
     # other half, so the head never trains on maps of images whose own patches are in the bank.
     seg_crossfit: bool = True

@@ -29,6 +29,7 @@ from .fusion import fuse, map_stats, search_weights
 from .errors import HyADSError, NotFittedError
 from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
+from .segmentation import FLIPS, FlipView
 from .thresholds import Calibration, calibrate
 
 if TYPE_CHECKING:
@@ -132,11 +133,13 @@ class HyADS:
     def detectors(self) -> list[str]:
         return list(self.config.detectors)
 
-    def _batches(self, images: Sequence[ImageLike], desc: str) -> Iterator[np.ndarray]:
+    def _batches(self, images: Sequence[ImageLike], desc: str, flip: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
+        """RGB batches (B, S, S, 3); `flip`: image axes to flip (1 = vertical, 2 = horizontal)."""
         bs = self.config.batch_size
         show = self.progress and len(images) > bs
         for s in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not show, leave=False):
-            yield np.stack([_to_rgb(im, self.config.image_size) for im in images[s : s + bs]])
+            rgb = np.stack([_to_rgb(im, self.config.image_size) for im in images[s : s + bs]])
+            yield np.ascontiguousarray(np.flip(rgb, flip)) if flip else rgb
 
     def _batches_at(self, images: Sequence[ImageLike], desc: str) -> Iterator[tuple[int, np.ndarray]]:
         """Like _batches, with each batch's start index."""
@@ -487,7 +490,7 @@ class HyADS:
             init_head = HyADS.load(init_name)  # a bad folder fails now, not after the long detector fit
         if init_head is not None and list(init_head.config.seg_classes) != classes:
             raise HyADSError(f"{init_name or 'init_head'}: segments {init_head.config.seg_classes}, not {classes}")
-        grid, low, y = self.fit_segmentation_inputs(images, y)
+        grid, low, y, views = self.fit_segmentation_inputs(images, y, FLIPS[1:] if c.seg_flip_views else ())
         val = None
         if val_images is not None and val_masks is not None and len(val_images):
             gv, lv = self.segmentation_inputs(list(val_images))
@@ -499,7 +502,7 @@ class HyADS:
             _warm_start(self.seghead_, init_head)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
                                  progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr)
-        trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None)
+        trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None, views=views)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
                                           "init_head": init_name,
@@ -521,10 +524,13 @@ class HyADS:
         return SegHead(grid_channels, low_channels, n_out, c.seg_width, c.seg_depth, c.seg_dilated, c.seg_context,
                        tuned)
 
-    def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray, flips: Sequence[tuple[int, ...]] = ()
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FlipView]]:
         """Fit the unsupervised detectors on the normal pixels of labelled images and return the head's
-        training inputs (grid, low, class maps y in the same order). With `seg_crossfit` (and >= 4 images)
-        each half's inputs come from detectors fitted on the other half; this model keeps the first half's."""
+        training inputs (grid, low, class maps y in the same order) and, for each image-axes tuple in `flips`,
+        the inputs of the flipped images (grid, low, axes; the caller flips y). With `seg_crossfit` (and >= 4
+        images) each half's inputs come from detectors fitted on the other half; this model keeps the first
+        half's."""
         c = self.config
         if c.seg_crossfit and len(images) >= 4:
             order = np.random.default_rng(c.seed).permutation(len(images))
@@ -533,11 +539,16 @@ class HyADS:
             other.progress = self.progress
             other.fit([images[i] for i in b], masks=list(y[b]))
             self.fit([images[i] for i in a], masks=list(y[a]))
-            ga, la = other.segmentation_inputs([images[i] for i in a])
-            gb, lb = self.segmentation_inputs([images[i] for i in b])
-            return np.concatenate([ga, gb]), np.concatenate([la, lb]), np.concatenate([y[a], y[b]])
+            ia, ib = [images[i] for i in a], [images[i] for i in b]
+            out = []
+            for flip in [(), *flips]:
+                ga, la = other.segmentation_inputs(ia, flip)
+                gb, lb = self.segmentation_inputs(ib, flip)
+                out.append((np.concatenate([ga, gb]), np.concatenate([la, lb]), tuple(flip)))
+            return out[0][0], out[0][1], np.concatenate([y[a], y[b]]), out[1:]
         self.fit(images, masks=list(y))
-        return (*self.segmentation_inputs(images), y)
+        views = [(*self.segmentation_inputs(images, flip), tuple(flip)) for flip in flips]
+        return (*self.segmentation_inputs(images), y, views)
 
     def _seg_inputs(self, rgb: np.ndarray, desc: np.ndarray | None = None, patches: np.ndarray | None = None,
                     maps: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -568,8 +579,10 @@ class HyADS:
                                                      align_corners=False).numpy()], 1)
         return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
 
-    def segmentation_inputs(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self._seg_inputs(rgb) for rgb in self._batches(list(images), "segmentation inputs")]
+    def segmentation_inputs(self, images: Sequence[ImageLike], flip: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Head inputs (grid, low) of the images, or of the images flipped on `flip` (1 = vertical, 2 =
+        horizontal)."""
+        parts = [self._seg_inputs(rgb) for rgb in self._batches(list(images), "segmentation inputs", flip)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _seg_prob_batches(self, images: Sequence[ImageLike], size: tuple[int, int]) -> Iterator[torch.Tensor]:
@@ -579,7 +592,7 @@ class HyADS:
         self._require_fitted()
         if getattr(self, "seghead_", None) is None:
             raise NotFittedError("this model has no segmentation head: fit it with fit_segmentation()")
-        flips = [(), (2,), (1,), (1, 2)] if self.config.seg_tta else [()]
+        flips = FLIPS if self.config.seg_tta else [()]
         for rgb in self._batches(list(images), "segment"):
             prob = 0.0
             for axes in flips:  # image flipped on (H, W) axes; probabilities flipped back on (H, W) = (2, 3)

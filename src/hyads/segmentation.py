@@ -32,6 +32,11 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 
+# The four flips of an image as numpy axes of an (B, H, W, ...) batch: identity, horizontal, vertical, both.
+FLIPS: list[tuple[int, ...]] = [(), (2,), (1,), (1, 2)]
+# Head inputs (grid, low) computed from images flipped on the given axes (see HyADSConfig.seg_flip_views).
+FlipView = tuple[np.ndarray, np.ndarray, tuple[int, ...]]
+
 
 def _cbr(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
@@ -131,10 +136,13 @@ class SegHeadTrainer:
         self.history_: list[dict[str, float]] = []
 
     def fit(self, head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.ndarray,
-            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, warm_start: bool = False) -> SegHead:
+            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, warm_start: bool = False,
+            views: list[FlipView] | None = None) -> SegHead:
         """grid (N, Cg, g, g), low (N, Cl, 2g, 2g), target (N, H, W) int class maps (0 = background).
         warm_start: the head arrives trained (second stage of a two-stage fit); its validation score before
-        any step counts as epoch 0, so the kept head is never worse on validation than the one passed in."""
+        any step counts as epoch 0, so the kept head is never worse on validation than the one passed in.
+        views: inputs of the flipped images; each batch then draws one of the views (the unflipped inputs
+        included) instead of flipping the cached inputs."""
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         n_classes = max(2, head.n_out)
@@ -155,7 +163,7 @@ class SegHeadTrainer:
         bar = tqdm(range(self.epochs), desc="segmentation head", unit="epoch", disable=not self.progress,
                    leave=False)
         for epoch in bar:
-            loss = train_epoch(head, grid, low, target, opt, gen, self.batch_size, self.bf16)
+            loss = train_epoch(head, grid, low, target, opt, gen, self.batch_size, self.bf16, views)
             sched.step()
             record = {"epoch": epoch + 1, "train_loss": loss}
             if val is not None:
@@ -175,20 +183,30 @@ class SegHeadTrainer:
 
 def train_epoch(head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.ndarray,
                 optimizer: torch.optim.Optimizer, gen: torch.Generator, batch_size: int = 16,
-                bf16: bool = False) -> float:
+                bf16: bool = False, views: list[FlipView] | None = None) -> float:
     """One pass over cached inputs in seeded random order with random flips; returns the mean loss.
-    Shared by the central trainer and federated local training."""
+    Without `views` the cached inputs and target are flipped together; with `views` (inputs of flipped
+    images) each batch draws one view and the target is flipped to match. Shared by the central trainer and
+    federated local training."""
     head.train()
     order = torch.randperm(len(low), generator=gen)
+    choices: list[FlipView] = [(grid, low, ())] + list(views or [])
     total = 0.0
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size].numpy()
-        g = torch.from_numpy(grid[idx].astype(np.float32))
-        lo = torch.from_numpy(low[idx].astype(np.float32))
-        t = torch.from_numpy(target[idx].astype(np.int64))
-        for dim in (-1, -2):  # random flips of inputs and target together
-            if torch.rand(1, generator=gen).item() < 0.5:
-                g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
+        if views:
+            vg, vl, axes = choices[int(torch.randint(len(choices), (1,), generator=gen))]
+            g = torch.from_numpy(vg[idx].astype(np.float32))
+            lo = torch.from_numpy(vl[idx].astype(np.float32))
+            t = torch.from_numpy(target[idx].astype(np.int64))
+            t = t.flip(list(axes)) if axes else t  # image axes (1 = H, 2 = W) are the target's axes too
+        else:
+            g = torch.from_numpy(grid[idx].astype(np.float32))
+            lo = torch.from_numpy(low[idx].astype(np.float32))
+            t = torch.from_numpy(target[idx].astype(np.int64))
+            for dim in (-1, -2):  # random flips of inputs and target together
+                if torch.rand(1, generator=gen).item() < 0.5:
+                    g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = head(g, lo)
         loss = seg_loss(upsample_logits(logits.float(), t.shape[-2:]), t)

@@ -77,7 +77,7 @@ def run_seg_federation(root: Path, n_clients: int, split: str, rounds: int, sett
         m = HyADS(**{**hyads, "seg_classes": ds.classes})
         m.progress = False
         y = np.stack([load_label_mask(train[j][1], size) for j in idx])
-        grid, low, y = m.fit_segmentation_inputs([train[j][0] for j in idx], y)
+        grid, low, y, _ = m.fit_segmentation_inputs([train[j][0] for j in idx], y)
         sites.append(m)
         data.append({"grid": grid, "low": low, "y": y})
         test_inputs.append(m.segmentation_inputs([p for p, _ in test]))
