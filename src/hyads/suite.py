@@ -29,8 +29,8 @@ def discover(data: Path) -> list[tuple[str, Path | None, str]]:
     if (data / "magnetic_tile").is_dir():
         found.append(("magnetic_tile", data / "magnetic_tile", "MT_Free split 80/20 with the seed"))
     if (data / "neu_seg").is_dir():
-        found.append(("neu_seg", None, "skipped: has no defect-free images; needs the supervised segmentation "
-                                       "head (not built yet)"))
+        found.append(("neu_seg", None, "skipped: has no defect-free images; scored by the segmentation head "
+                                       "instead (`hyads segment`, docs/RESULTS.md)"))
     return found
 
 
