@@ -194,17 +194,14 @@ def train_epoch(head: SegHead, grid: np.ndarray, low: np.ndarray, target: np.nda
     total = 0.0
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size].numpy()
-        if views:
-            vg, vl, axes = choices[int(torch.randint(len(choices), (1,), generator=gen))]
-            g = torch.from_numpy(vg[idx].astype(np.float32))
-            lo = torch.from_numpy(vl[idx].astype(np.float32))
-            t = torch.from_numpy(target[idx].astype(np.int64))
-            t = t.flip(list(axes)) if axes else t  # image axes (1 = H, 2 = W) are the target's axes too
-        else:
-            g = torch.from_numpy(grid[idx].astype(np.float32))
-            lo = torch.from_numpy(low[idx].astype(np.float32))
-            t = torch.from_numpy(target[idx].astype(np.int64))
-            for dim in (-1, -2):  # random flips of inputs and target together
+        vg, vl, axes = choices[int(torch.randint(len(choices), (1,), generator=gen))] if views else choices[0]
+        g = torch.from_numpy(vg[idx].astype(np.float32))
+        lo = torch.from_numpy(vl[idx].astype(np.float32))
+        t = torch.from_numpy(target[idx].astype(np.int64))
+        if axes:  # image axes (1 = H, 2 = W) are the target's axes too
+            t = t.flip(list(axes))
+        if not views:
+            for dim in (-1, -2):  # random flips of cached inputs and target together
                 if torch.rand(1, generator=gen).item() < 0.5:
                     g, lo, t = g.flip(dim), lo.flip(dim), t.flip(dim)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
