@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hyads import HyADS
 from hyads import metrics as M
 from hyads.data.synth import add_defect, make_surface
-from hyads.segmentation import SegHead, seg_loss, train_epoch
+from hyads.segmentation import SegHead, lovasz_jaccard, lovasz_loss, seg_loss, train_epoch
 
 
 def _labelled(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -45,6 +45,42 @@ def test_seg_head_shapes_and_loss() -> None:
     assert seg_loss(perfect, target) < 0.01 < seg_loss(logits, target)
     binary = SegHead(0, 3, 1, width=16)(torch.zeros(2, 0, 8, 8), torch.randn(2, 3, 16, 16))
     assert binary.shape == (2, 1, 16, 16)
+
+
+def test_lovasz_terms_equal_one_minus_iou_on_hard_predictions() -> None:
+    """The Lovasz extension is exact at 0/1 predictions: per class it is 1 - IoU (sklearn's jaccard), and the
+    loss is the mean over defect classes present in the target plus 1 - the defect-vs-background IoU."""
+    from sklearn.metrics import jaccard_score
+
+    rng = np.random.default_rng(1)
+    t = rng.integers(0, 3, size=(2, 12, 12))  # class 3 never in the target: left out of the mean
+    p = np.where(rng.random(t.shape) < 0.7, t, rng.integers(0, 4, size=t.shape))
+    fg, hard = torch.from_numpy((t == 1).ravel()).float(), torch.from_numpy((p == 1).ravel()).float()
+    assert float(lovasz_jaccard(hard, fg)) == pytest.approx(1 - jaccard_score(t.ravel() == 1, p.ravel() == 1))
+    onehot = F.one_hot(torch.from_numpy(p), 4).permute(0, 3, 1, 2).float()
+    per_class = jaccard_score(t.ravel(), p.ravel(), average=None, labels=[1, 2])  # defect classes present
+    expected = (1 - per_class).mean() + 1 - jaccard_score(t.ravel() > 0, p.ravel() > 0)
+    assert float(lovasz_loss(onehot, torch.from_numpy(t))) == pytest.approx(expected)
+
+
+def test_lovasz_loss_is_low_when_right_and_trains_a_head() -> None:
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 16, 16))
+    perfect = F.one_hot(target, 4).permute(0, 3, 1, 2).float() * 50
+    logits = torch.randn(2, 4, 16, 16)
+    assert seg_loss(perfect, target, "lovasz") < 0.01 < seg_loss(logits, target, "lovasz")
+    binary = torch.randn(2, 1, 16, 16, requires_grad=True)
+    seg_loss(binary, target, "lovasz").backward()
+    assert binary.grad is not None and binary.grad.abs().sum() > 0
+    # a few epochs on a learnable case: the class is the sign of the first low input channel
+    low = torch.randn(8, 3, 16, 16)
+    y = (low[:, 0] > 0).long() * torch.randint(1, 3, (8, 1, 1))
+    head = SegHead(0, 3, 3, width=16)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    grid = np.zeros((8, 0, 8, 8), np.float32)
+    losses = [train_epoch(head, grid, low.numpy(), y.numpy(), opt, gen, 4, loss_kind="lovasz") for _ in range(15)]
+    assert losses[-1] < 0.7 * losses[0]
 
 
 def test_dilated_head_sees_further_at_the_same_size() -> None:

@@ -415,6 +415,8 @@ def segment(
     flip_views: bool = typer.Option(False, "--flip-views/--no-flip-views", help="Flip augmentation from the inputs of "
                                     "flipped images (4x input cost and memory) rather than flipped cached inputs."),
     lr: float = typer.Option(1e-3, help="Head learning rate (Adam, cosine schedule)."),
+    loss: str = typer.Option("ce_dice", help="Head loss: ce_dice (cross-entropy + soft Dice) or lovasz "
+                             "(cross-entropy + Lovasz-softmax IoU surrogates, per class and defect-vs-background)."),
     patience: int = typer.Option(5, help="Stop after this many epochs without a better validation mean IoU."),
     tune_lr: float = typer.Option(1e-4, help="Learning rate of the tuned backbone layers (--tune)."),
     init_head: Optional[Path] = typer.Option(None, help="Saved model whose segmentation head starts the training "
@@ -433,7 +435,7 @@ def segment(
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
                   seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seg_context=context,
                   seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience,
-                  seg_flip_views=flip_views, seed=seed)
+                  seg_flip_views=flip_views, seg_loss=loss, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train, init_head=init_head)
     console.print((out / "results.md").read_text(), markup=False)
 

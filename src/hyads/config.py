@@ -92,6 +92,9 @@ class HyADSConfig:
     # filters; stride-2 'SAME' padding puts each map half a cell off-centre), so flipped cached features are
     # inputs no real image produces, misaligned with the flipped mask.
     seg_flip_views: bool = False
+    # Head loss: "ce_dice" (cross-entropy + soft Dice) or "lovasz" (cross-entropy + Lovasz-softmax per class
+    # and for defect-vs-background: surrogates of the mean and binary IoU themselves, for a fine-tuning stage).
+    seg_loss: str = "ce_dice"
     # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
     # other half, so the head never trains on maps of images whose own patches are in the bank.
     seg_crossfit: bool = True
@@ -135,6 +138,8 @@ class HyADSConfig:
             raise bad("seg_depth", "must be >= 1")
         if self.seg_context < 0:
             raise bad("seg_context", "must be >= 0")
+        if self.seg_loss not in ("ce_dice", "lovasz"):
+            raise bad("seg_loss", "must be 'ce_dice' or 'lovasz'")
         if self.seg_patience < 1:
             raise bad("seg_patience", "must be >= 1")
         if self.seg_lr <= 0 or self.seg_tune_lr <= 0:

@@ -501,7 +501,7 @@ class HyADS:
         if init_head is not None:
             _warm_start(self.seghead_, init_head)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
-                                 progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr)
+                                 progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr, loss=c.seg_loss)
         trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None, views=views)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
