@@ -460,6 +460,7 @@ class HyADS:
         val_images: Sequence[ImageLike] | None = None,
         val_masks: Sequence[Any] | None = None,
         init_head: "HyADS | str | Path | None" = None,
+        input_cache: str | Path | None = None,
     ) -> "HyADS":
         """Fit the unsupervised detectors on the normal pixels of labelled images, then the segmentation head.
 
@@ -470,7 +471,8 @@ class HyADS:
         `init_head` (a fitted model or its folder) starts the head from that model's head instead of from
         scratch - a second training stage, e.g. with `seg_tune` after a frozen-feature stage; its tuned layers,
         if it has none, start from the backbone. The detectors are refitted here either way (same config and
-        seed give the same detectors).
+        seed give the same detectors). `input_cache` (a folder): reuse the head inputs a previous run with the
+        same images, masks and input options stored there, or store them (hyads.seg_cache).
         """
         from .segmentation import SegHeadTrainer
 
@@ -490,11 +492,30 @@ class HyADS:
             init_head = HyADS.load(init_name)  # a bad folder fails now, not after the long detector fit
         if init_head is not None and list(init_head.config.seg_classes) != classes:
             raise HyADSError(f"{init_name or 'init_head'}: segments {init_head.config.seg_classes}, not {classes}")
-        grid, low, y, views = self.fit_segmentation_inputs(images, y, FLIPS[1:] if c.seg_flip_views else ())
-        val = None
-        if val_images is not None and val_masks is not None and len(val_images):
-            gv, lv = self.segmentation_inputs(list(val_images))
-            val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks]))
+        flips = FLIPS[1:] if c.seg_flip_views else []
+        has_val = val_images is not None and val_masks is not None and len(val_images) > 0
+        cache = key = hit = None
+        if input_cache is not None:
+            from .seg_cache import InputCache, cache_key
+
+            cache = InputCache(input_cache)
+            key = cache_key(c, images, y, list(val_images) if has_val else None, flips)
+            hit = cache.load(key)
+        if hit is None:
+            grid, low, y, views = self.fit_segmentation_inputs(images, y, flips)
+            gv, lv = self.segmentation_inputs(list(val_images)) if has_val else (None, None)
+            if cache is not None:
+                arrays = {"grid": grid, "low": low, "y": y, **{f"view{i}_{n}": v[j] for i, v in enumerate(views)
+                                                              for j, n in enumerate(("grid", "low"))}}
+                cache.save(key, {**arrays, **({"val_grid": gv, "val_low": lv} if has_val else {})})
+        else:  # same inputs as a previous run: only the detectors this model keeps are fitted again
+            halves = self._seg_halves(len(images))
+            keep = halves[0] if halves is not None else np.arange(len(images))
+            self.fit([images[i] for i in keep], masks=list(y[keep]))
+            grid, low, y = hit["grid"], hit["low"], np.asarray(hit["y"])
+            views = [(hit[f"view{i}_grid"], hit[f"view{i}_low"], tuple(f)) for i, f in enumerate(flips)]
+            gv, lv = (hit["val_grid"], hit["val_low"]) if has_val else (None, None)
+        val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks])) if has_val else None
         torch.manual_seed(c.seed)
         n_out = 1 if len(classes) == 1 else len(classes) + 1
         self.seghead_ = self._new_seghead(grid.shape[1], low.shape[1], n_out)
@@ -505,7 +526,7 @@ class HyADS:
         trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None, views=views)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
-                                          "init_head": init_name,
+                                          "init_head": init_name, "inputs_from_cache": hit is not None,
                                           "history": trainer.history_}
         return self
 
@@ -532,9 +553,9 @@ class HyADS:
         images) each half's inputs come from detectors fitted on the other half; this model keeps the first
         half's."""
         c = self.config
-        if c.seg_crossfit and len(images) >= 4:
-            order = np.random.default_rng(c.seed).permutation(len(images))
-            a, b = np.sort(order[::2]), np.sort(order[1::2])
+        halves = self._seg_halves(len(images))
+        if halves is not None:
+            a, b = halves
             other = HyADS(c)
             other.progress = self.progress
             other.fit([images[i] for i in b], masks=list(y[b]))
@@ -549,6 +570,13 @@ class HyADS:
         self.fit(images, masks=list(y))
         views = [(*self.segmentation_inputs(images, flip), tuple(flip)) for flip in flips]
         return (*self.segmentation_inputs(images), y, views)
+
+    def _seg_halves(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cross-fitting halves (this model keeps the detectors of the first), or None without crossfit."""
+        if not (self.config.seg_crossfit and n >= 4):
+            return None
+        order = np.random.default_rng(self.config.seed).permutation(n)
+        return np.sort(order[::2]), np.sort(order[1::2])
 
     def _seg_inputs(self, rgb: np.ndarray, desc: np.ndarray | None = None, patches: np.ndarray | None = None,
                     maps: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:

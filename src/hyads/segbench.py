@@ -66,15 +66,17 @@ def segmentation_scores(pred: list[np.ndarray] | np.ndarray, gts: list[np.ndarra
 
 
 def run_segmentation(ds: SegDataset, out: Path, model: HyADS, max_train: int = 0,
-                     init_head: Path | None = None) -> dict[str, Any]:
+                     init_head: Path | None = None, input_cache: Path | None = None) -> dict[str, Any]:
     """Fit on train (val for epoch selection), evaluate on test; writes model/, metrics.json, results.md.
-    `init_head`: a saved model whose head starts the training (HyADS.fit_segmentation)."""
+    `init_head`: a saved model whose head starts the training; `input_cache`: folder of cached head inputs
+    (both HyADS.fit_segmentation)."""
     out.mkdir(parents=True, exist_ok=True)
     train = ds.splits["train"][: max_train or None]
     val = ds.splits.get("val", [])
     t0 = time.perf_counter()
     model.fit_segmentation([p for p, _ in train], [m for _, m in train], ds.classes,
-                           [p for p, _ in val] or None, [m for _, m in val] or None, init_head=init_head)
+                           [p for p, _ in val] or None, [m for _, m in val] or None, init_head=init_head,
+                           input_cache=input_cache)
     fit_s = time.perf_counter() - t0
     model.save(out / "model")
     result = {"dataset": str(ds.root), "classes": ds.classes, "n_train": len(train), "n_val": len(val),
