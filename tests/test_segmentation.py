@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hyads import HyADS
 from hyads import metrics as M
 from hyads.data.synth import add_defect, make_surface
-from hyads.segmentation import SegHead, lovasz_jaccard, lovasz_loss, seg_loss, train_epoch
+from hyads.segmentation import SegHead, lovasz_jaccard, lovasz_loss, pack_views, seg_loss, train_epoch
 
 
 def _labelled(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -433,9 +433,29 @@ def test_ensemble_averages_the_models_probabilities(tmp_path) -> None:
     assert got["per_class_iou"] == expected["per_class_iou"] and got["n_models"] == 2
 
 
-def test_federated_segmentation_head_command(tmp_path) -> None:
+def test_federated_local_training_draws_the_flip_views() -> None:
+    """A site's local epochs train on its flip views when it has them: views full of NaN poison the head."""
+    from hyads.federated.fedshufde import FedSettings
+    from hyads.federated.models import local_train
+
+    rng = np.random.default_rng(0)
+    grid, low = rng.normal(size=(8, 4, 8, 8)).astype(np.float16), rng.normal(size=(8, 3, 16, 16)).astype(np.float16)
+    data = {"grid": grid, "low": low, "y": rng.integers(0, 3, size=(8, 16, 16)).astype(np.uint8)}
+    s = FedSettings(model="seg-head", batch_size=4, local_epochs=2)
+    finite = SegHead(4, 3, 3, width=8)
+    local_train(finite, data, s, seed=0)
+    assert all(torch.isfinite(p).all() for p in finite.parameters())
+    poisoned = SegHead(4, 3, 3, width=8)
+    nan_views = [(np.full_like(grid, np.nan), np.full_like(low, np.nan), ax) for ax in [(2,), (1,), (1, 2)]]
+    local_train(poisoned, {**data, **pack_views(nan_views)}, s, seed=0)
+    assert not all(torch.isfinite(p).all() for p in poisoned.parameters())
+
+
+@pytest.mark.parametrize("flip_views", [False, True])
+def test_federated_segmentation_head_command(tmp_path, flip_views) -> None:
     """`hyads federate --model seg-head`: sites fit their own detectors, the head is FedAvg'd over Flower
-    (2 sites, 3 rounds), and the federated head segments held-out images about as well as the centralised one."""
+    (2 sites, 3 rounds), and the federated head segments held-out images about as well as the centralised one;
+    also with sites training on their flipped images' inputs."""
     import json
 
     from typer.testing import CliRunner
@@ -446,9 +466,11 @@ def test_federated_segmentation_head_command(tmp_path) -> None:
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["federate", "--model", "seg-head", "--data", str(root), "--clients", "2",
                                    "--split", "iid", "--rounds", "3", "--local-epochs", "2", "--clip", "0",
-                                   "--image-size", "64", "--compare-central", "--out", str(out)])
+                                   "--image-size", "64", "--compare-central", "--out", str(out)]
+                           + (["--flip-views"] if flip_views else []))
     assert res.exit_code == 0, res.output
     r = json.loads((out / "seg_federation.json").read_text())
+    assert r["hyads"]["seg_flip_views"] is flip_views
     assert r["images_per_site"] == [14, 14] and r["n_test"] == 12
     assert [x["reports"] for x in r["round_log"]] == [2, 2, 2]
     fed, central = r["federated"], r["centralised"]

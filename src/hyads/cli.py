@@ -530,6 +530,8 @@ def federate(
     image_size: int = FED_IMAGE_SIZE,
     compare_central: bool = typer.Option(False, "--compare-central", help="Also train the same AE centrally on pooled data."),
     max_test: int = typer.Option(0, help="Evaluate on at most N test images per dataset (0 = all)."),
+    flip_views: bool = typer.Option(False, "--flip-views/--no-flip-views", help="seg-head: sites train on the "
+                                    "inputs of their flipped images too (as `hyads segment --flip-views`)."),
     out: Path = typer.Option(Path("runs") / "federate", "--out", "-o", help="Folder for federation.json."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -551,7 +553,8 @@ def federate(
         if len(data) != 1:
             raise HyADSError("--model seg-head takes exactly one --data folder (VOC layout, with masks)")
         res = run_seg_federation(data[0], clients, split, rounds, s,
-                                 {"image_size": image_size, "detectors": ["texture", "patchcore"], "seed": seed},
+                                 {"image_size": image_size, "detectors": ["texture", "patchcore"], "seed": seed,
+                                  "seg_flip_views": flip_views},
                                  alpha, max_test=max_test, baselines=compare_central, out=out, log=console.print)
         console.print(f"{res['seconds_per_round']:.1f} s per round, "
                       f"{res['bytes_uploaded_per_client_per_round'] / 1e6:.2f} MB uploaded per client per round")

@@ -29,7 +29,7 @@ from .fusion import fuse, map_stats, search_weights
 from .errors import HyADSError, NotFittedError
 from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
-from .segmentation import FLIPS, FlipView
+from .segmentation import FLIPS, FlipView, pack_views, unpack_views
 from .thresholds import Calibration, calibrate
 
 if TYPE_CHECKING:
@@ -505,15 +505,14 @@ class HyADS:
             grid, low, y, views = self.fit_segmentation_inputs(images, y, flips)
             gv, lv = self.segmentation_inputs(list(val_images)) if has_val else (None, None)
             if cache is not None:
-                arrays = {"grid": grid, "low": low, "y": y, **{f"view{i}_{n}": v[j] for i, v in enumerate(views)
-                                                              for j, n in enumerate(("grid", "low"))}}
+                arrays = {"grid": grid, "low": low, "y": y, **pack_views(views)}
                 cache.save(key, {**arrays, **({"val_grid": gv, "val_low": lv} if has_val else {})})
         else:  # same inputs as a previous run: only the detectors this model keeps are fitted again
             halves = self._seg_halves(len(images))
             keep = halves[0] if halves is not None else np.arange(len(images))
             self.fit([images[i] for i in keep], masks=list(y[keep]))
             grid, low, y = hit["grid"], hit["low"], np.asarray(hit["y"])
-            views = [(hit[f"view{i}_grid"], hit[f"view{i}_low"], tuple(f)) for i, f in enumerate(flips)]
+            views = unpack_views(hit)
             gv, lv = (hit["val_grid"], hit["val_low"]) if has_val else (None, None)
         val = (gv, lv, np.stack([_to_labels(m, S) for m in val_masks])) if has_val else None
         torch.manual_seed(c.seed)

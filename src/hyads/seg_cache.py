@@ -7,6 +7,7 @@ successive stages (`--init-head`, a new loss or learning rate) see exactly the s
 everything that determines them: the config minus the head's own training options, the images (path, size
 and modification time, or the pixels of in-memory arrays), the masks and the flips. Entries are folders of
 plain .npy files (no pickle), written under a temporary name and renamed, and read back memory-mapped.
+The key covers hyads' version, not every code change: clear the folder after changing how inputs are made.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _image_id(img: Any) -> str:
 def cache_key(config: Any, images: Sequence[Any], y: np.ndarray, val_images: Sequence[Any] | None,
               flips: Sequence[tuple[int, ...]]) -> str:
     """Hash of everything the head inputs depend on (see the module docstring)."""
+    from . import __version__
+
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in HEAD_ONLY}
-    h = hashlib.sha256()
+    h = hashlib.sha256(__version__.encode())
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps([list(f) for f in flips]).encode())
     for group in (images, val_images or []):

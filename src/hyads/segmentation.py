@@ -39,6 +39,21 @@ FLIPS: list[tuple[int, ...]] = [(), (2,), (1,), (1, 2)]
 FlipView = tuple[np.ndarray, np.ndarray, tuple[int, ...]]
 
 
+def pack_views(views: list[FlipView]) -> dict[str, np.ndarray]:
+    """Flip views as flat named arrays (for .npy/.npz files, which hold no Python tuples without pickle)."""
+    out: dict[str, np.ndarray] = {}
+    for i, (g, lo, axes) in enumerate(views):
+        out.update({f"view{i}_grid": g, f"view{i}_low": lo, f"view{i}_axes": np.asarray(axes, np.int64)})
+    return out
+
+
+def unpack_views(arrays: dict[str, np.ndarray]) -> list[FlipView]:
+    """Inverse of `pack_views`; other keys of `arrays` are ignored."""
+    n = sum(1 for k in arrays if k.startswith("view") and k.endswith("_grid"))
+    return [(arrays[f"view{i}_grid"], arrays[f"view{i}_low"], tuple(int(a) for a in arrays[f"view{i}_axes"]))
+            for i in range(n)]
+
+
 def _cbr(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))

@@ -20,7 +20,7 @@ from scipy import ndimage
 from torch import nn
 
 from ..detectors.autoencoder import AETrainer, UNetAE, error_map
-from ..segmentation import SegHead, train_epoch
+from ..segmentation import SegHead, train_epoch, unpack_views
 
 MODELS = ("unet-ae", "feature-ae", "seg-head")
 
@@ -75,11 +75,12 @@ def _optimizer(model: nn.Module, s, default: str) -> torch.optim.Optimizer:
 def local_train(model: nn.Module, data: np.ndarray, s, seed: int, epochs: int | None = None) -> None:
     """Local epochs on a site's data (s: FedSettings). Images for the U-Net, patch features otherwise."""
     epochs = epochs or s.local_epochs
-    if isinstance(model, SegHead):  # data: the site's cached head inputs {"grid", "low", "y"}
+    if isinstance(model, SegHead):  # data: the site's cached head inputs {"grid", "low", "y"} + packed flip views
         g = torch.Generator().manual_seed(seed)
         opt = _optimizer(model, s, "adam")
         for _ in range(epochs):
-            train_epoch(model, data["grid"], data["low"], data["y"], opt, g, s.batch_size)
+            train_epoch(model, data["grid"], data["low"], data["y"], opt, g, s.batch_size,
+                        views=unpack_views(data) or None)
         return
     if isinstance(model, UNetAE):
         x = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data

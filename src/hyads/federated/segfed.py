@@ -4,7 +4,8 @@ Each site fits its own unsupervised detectors on the normal pixels of its labell
 as everywhere in hyads' federation) and computes the head's inputs with cross-fitting, exactly as
 `HyADS.fit_segmentation` does centrally. Only the head's parameters are federated (FedAvg through the
 clip -> LDP noise -> shuffler -> validator path): the inputs never leave a site. At test time a site feeds
-its own detectors' inputs to the global head.
+its own detectors' inputs to the global head. With `seg_flip_views` each site also computes the inputs of
+its flipped images and trains on them (as the central trainer does).
 
 `run_seg_federation` measures three ways of training the same head on the same per-site inputs, evaluated
 through every site's own detectors on the test split (scores averaged over sites):
@@ -26,7 +27,7 @@ from ..data.datasets import load_segmentation_dataset
 from ..data.io import load_label_mask
 from ..pipeline import HyADS
 from ..segbench import segmentation_scores
-from ..segmentation import predict_labels
+from ..segmentation import FLIPS, pack_views, predict_labels, unpack_views
 from ..utils import clean_json, write_text_atomic
 from .fedshufde import FedSettings, get_arrays, set_arrays
 from .models import local_train, new_model
@@ -77,9 +78,10 @@ def run_seg_federation(root: Path, n_clients: int, split: str, rounds: int, sett
         m = HyADS(**{**hyads, "seg_classes": ds.classes})
         m.progress = False
         y = np.stack([load_label_mask(train[j][1], size) for j in idx])
-        grid, low, y, _ = m.fit_segmentation_inputs([train[j][0] for j in idx], y)
+        flips = FLIPS[1:] if m.config.seg_flip_views else []
+        grid, low, y, views = m.fit_segmentation_inputs([train[j][0] for j in idx], y, flips)
         sites.append(m)
-        data.append({"grid": grid, "low": low, "y": y})
+        data.append({"grid": grid, "low": low, "y": y, **pack_views(views)})
         test_inputs.append(m.segmentation_inputs([p for p, _ in test]))
         log(f"site {i}: {len(idx)} images, inputs {grid.shape[1]} grid + {low.shape[1]} low channels "
             f"({time.perf_counter() - t0:.0f} s)")
@@ -116,7 +118,11 @@ def run_seg_federation(root: Path, n_clients: int, split: str, rounds: int, sett
         f"binary IoU {result['federated']['binary_iou']:.4f}")
     if baselines:
         epochs = rounds * s.local_epochs
-        pooled = {k: np.concatenate([d[k] for d in data]) for k in ("grid", "low", "y")}
+        pooled: dict[str, Any] = {k: np.concatenate([d[k] for d in data]) for k in ("grid", "low", "y")}
+        site_views = [unpack_views(d) for d in data]
+        pooled.update(pack_views([(np.concatenate([v[i][0] for v in site_views]),
+                                   np.concatenate([v[i][1] for v in site_views]), axes)
+                                  for i, (_, _, axes) in enumerate(site_views[0])]))
         head = new_model("seg-head", s.seed, shape)
         local_train(head, pooled, s, seed=s.seed, epochs=epochs)
         result["centralised"] = evaluate(get_arrays(head))
