@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hyads import HyADS
 from hyads import metrics as M
 from hyads.data.synth import add_defect, make_surface
-from hyads.segmentation import SegHead, lovasz_jaccard, lovasz_loss, pack_views, seg_loss, train_epoch
+from hyads.segmentation import (SegHead, lovasz_jaccard, lovasz_loss, pack_views, predict_labels, seg_loss,
+                               train_epoch)
 
 
 def _labelled(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -81,6 +82,42 @@ def test_lovasz_loss_is_low_when_right_and_trains_a_head() -> None:
     grid = np.zeros((8, 0, 8, 8), np.float32)
     losses = [train_epoch(head, grid, low.numpy(), y.numpy(), opt, gen, 4, loss_kind="lovasz") for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_refiner_starts_as_plain_upsampling_and_resolves_detail_below_the_head_stride() -> None:
+    """A refine head warm-started from a plain head gives the plain head's logits upsampled x2 (the refiner
+    starts at zero and the packed image feeds nothing else). Trained on a target that is the full-resolution
+    grey image thresholded - stripes that average out in every stride-4 cell - it beats the plain head."""
+    from hyads.segmentation import REFINE_CHANNELS
+
+    torch.manual_seed(0)
+    plain, refine = SegHead(0, 3, 2, width=16), SegHead(0, 3 + REFINE_CHANNELS, 2, width=16, refine=True)
+    missing = refine.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("refiner.") for k in missing)
+    plain.eval(), refine.eval()
+    rng = np.random.default_rng(0)
+    n, s = 32, 64
+    grey = np.zeros((n, 1, s, s), np.float32)
+    for i in range(n):  # 4 px stripes across the stride-4 cells (every cell averages 0.5), phase 2 or 6
+        phase = rng.choice([2, 6])
+        grey[i, 0, :, : s // 2] = ((np.arange(s // 2) + phase) // 4 % 2)[None, :]
+    low_plain = F.avg_pool2d(torch.from_numpy(grey), 4).repeat(1, 3, 1, 1)
+    packed = F.pixel_unshuffle(torch.from_numpy(grey), 4)
+    low_refine = torch.cat([low_plain, packed], 1)
+    empty = torch.zeros(n, 0, s // 8, s // 8)
+    with torch.no_grad():
+        up = F.interpolate(plain(empty, low_plain), scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(refine(empty, low_refine), up)
+    y = (grey[:, 0] > 0.5).astype(np.uint8)
+    scores = {}
+    for name, head, low in (("plain", plain, low_plain), ("refine", refine, low_refine)):
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            train_epoch(head, empty.numpy(), low.numpy(), y, opt, gen, 8)
+        pred = predict_labels(head, empty.numpy(), low.numpy(), (s, s))
+        scores[name] = M.class_iou(pred, y, 2)[1]
+    assert scores["refine"] > scores["plain"] + 0.2, scores
 
 
 def test_dilated_head_sees_further_at_the_same_size() -> None:

@@ -422,6 +422,8 @@ def segment(
     init_head: Optional[Path] = typer.Option(None, help="Saved model whose segmentation head starts the training "
                                              "(second stage; same head options needed)."),
     max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
+    refine: bool = typer.Option(False, "--refine/--no-refine", help="Learned refinement of the head's output at "
+                                "stride 2 from the full-resolution grey image (sharper mask boundaries)."),
     input_cache: Optional[Path] = typer.Option(None, help="Folder that keeps the head's inputs between runs: a "
                                                "later stage with the same images and input options skips "
                                                "computing them (NEU-Seg: ~6 GB per entry with --flip-views)."),
@@ -438,7 +440,7 @@ def segment(
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
                   seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seg_context=context,
                   seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience,
-                  seg_flip_views=flip_views, seg_loss=loss, seed=seed)
+                  seg_flip_views=flip_views, seg_loss=loss, seg_refine=refine, seed=seed)
     run_segmentation(ds, out, model, max_train=max_train, init_head=init_head, input_cache=input_cache)
     console.print((out / "results.md").read_text(), markup=False)
 

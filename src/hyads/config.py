@@ -95,6 +95,9 @@ class HyADSConfig:
     # Head loss: "ce_dice" (cross-entropy + soft Dice) or "lovasz" (cross-entropy + Lovasz-softmax per class
     # and for defect-vs-background: surrogates of the mean and binary IoU themselves, for a fine-tuning stage).
     seg_loss: str = "ce_dice"
+    # A small learned refinement of the head's stride-4 logits at stride 2 from the full-resolution grey image
+    # (segmentation.Refiner): most head errors are within 2 px of a mask boundary.
+    seg_refine: bool = False
     # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
     # other half, so the head never trains on maps of images whose own patches are in the bank.
     seg_crossfit: bool = True

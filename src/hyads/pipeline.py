@@ -542,7 +542,7 @@ class HyADS:
             tuned = TunedFeatures(BackboneTail(self.backbone_), copy.deepcopy(self.embedder_),
                                   self.backbone_.fine_channels)
         return SegHead(grid_channels, low_channels, n_out, c.seg_width, c.seg_depth, c.seg_dilated, c.seg_context,
-                       tuned)
+                       tuned, c.seg_refine)
 
     def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray, flips: Sequence[tuple[int, ...]] = ()
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FlipView]]:
@@ -604,6 +604,9 @@ class HyADS:
                     fine = self.backbone_.features(torch.from_numpy(x), taps=(self.backbone_.fine_tap,))[0]
             low = np.concatenate([low, F.interpolate(fine, size=low.shape[-2:], mode="bilinear",
                                                      align_corners=False).numpy()], 1)
+        if c.seg_refine:  # the full-resolution grey image, packed into REFINE_CHANNELS stride-4 channels
+            grey = torch.from_numpy(np.ascontiguousarray(tex.to_gray(rgb)[:, None]))
+            low = np.concatenate([low, F.pixel_unshuffle(grey, 4).numpy()], 1)
         return np.concatenate(grid, 1).astype(np.float16), low.astype(np.float16)
 
     def segmentation_inputs(self, images: Sequence[ImageLike], flip: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -742,14 +745,15 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
 
 def _warm_start(head: SegHead, source: HyADS | str | Path) -> None:
     """Copy a fitted model's segmentation head into `head` (same inputs and layout required). Tuned layers
-    the source lacks keep their backbone initialisation; anything else that does not match is an error."""
+    the source lacks keep their backbone initialisation, a refiner it lacks its zero start (the packed image
+    channels only feed the refiner); anything else that does not match is an error."""
     src = source if isinstance(source, HyADS) else HyADS.load(source)
     other = getattr(src, "seghead_", None)
     if other is None:
         raise HyADSError(f"{source}: has no segmentation head to start from")
     mine, theirs = head.state_dict(), other.state_dict()
     wrong = [k for k, v in theirs.items() if k not in mine or mine[k].shape != v.shape]
-    missing = [k for k in mine if k not in theirs and not k.startswith("tuned.")]
+    missing = [k for k in mine if k not in theirs and not k.startswith(("tuned.", "refiner."))]
     if wrong or missing:
         raise HyADSError(f"{source}: its segmentation head does not fit this config (differs in "
                          f"{', '.join((wrong + missing)[:5])}); use the same head options and input features")

@@ -73,20 +73,51 @@ class TunedFeatures(nn.Module):
         return self.embedder(self.tail(fine))
 
 
+# The grey image at full model resolution travels to the head inside `low`, space-to-depth'd by 4
+# (F.pixel_unshuffle) into its last REFINE_CHANNELS channels, so every cache, export and federated path that
+# carries (grid, low) carries it unchanged (HyADSConfig.seg_refine).
+REFINE_CHANNELS = 16
+
+
+class Refiner(nn.Module):
+    """Stride-4 logits + the full-resolution grey image -> stride-2 logits (upsampled logits + a learned
+    correction). Why: the head sees the image only average-pooled to stride 4 (4 px cells), while most of its
+    errors lie within 2 px of a mask boundary; a fixed edge-aware filter (guided filter) did not help on NEU,
+    a learned one may. The last conv starts at zero, so a warm-started head begins exactly where it was."""
+
+    def __init__(self, n_out: int, width: int = 24):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(4)  # grey at stride 1, space-to-depth by 2: 4 channels at stride 2
+        self.body = nn.Sequential(_cbr(n_out + 4, width), _cbr(width, width))
+        self.out = nn.Conv2d(width, n_out, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        grey = F.pixel_unshuffle(F.pixel_shuffle(packed, 4), 2)
+        up = F.interpolate(logits, size=grey.shape[-2:], mode="bilinear", align_corners=False)
+        return up + self.out(self.body(torch.cat([up, self.norm(grey.to(up.dtype))], 1)))
+
+
 class SegHead(nn.Module):
-    """(grid (B, Cg, g, g), low (B, Cl, 2g, 2g)) -> logits (B, n_out, 2g, 2g)."""
+    """(grid (B, Cg, g, g), low (B, Cl, 2g, 2g)) -> logits (B, n_out, 2g, 2g), or (B, n_out, 4g, 4g) with
+    `refine` (then the last REFINE_CHANNELS low channels are the packed grey image)."""
 
     def __init__(self, grid_channels: int, low_channels: int, n_out: int, width: int = 64, depth: int = 3,
-                 dilated: bool = False, context: int = 0, tuned: TunedFeatures | None = None):
+                 dilated: bool = False, context: int = 0, tuned: TunedFeatures | None = None,
+                 refine: bool = False):
         """dilated: body layer i uses dilation 2**i (1, 2, 4 for depth 3): a 15-cell (60 px at stride 4)
         receptive field instead of 7 at the same cost, for long scratches and large patches.
         context: Conv3x3-BN-ReLU layers (2 * width channels, dilations 1, 2, 4, ...) on the stride-8 grid
         branch before it is upsampled; each costs what one stride-4 body layer costs and sees 4x the area,
         so the class decision (inclusion vs scratch) can use the whole defect.
         tuned: recomputes the last `tuned.out_dim` grid channels (the frozen patch features) from the last
-        `tuned.in_channels` low channels (the backbone's stride-4 map) with trainable layers."""
+        `tuned.in_channels` low channels (the backbone's stride-4 map, before the packed image) with
+        trainable layers. refine: a Refiner on the packed grey image (see REFINE_CHANNELS)."""
         super().__init__()
         self.grid_channels, self.low_channels, self.n_out = grid_channels, low_channels, n_out
+        self.refiner = Refiner(n_out) if refine else None
+        low_channels -= REFINE_CHANNELS if refine else 0
         if tuned is not None and (tuned.out_dim > grid_channels or tuned.in_channels > low_channels):
             raise ValueError(f"tuned features ({tuned.in_channels} -> {tuned.out_dim} channels) do not fit the "
                              f"head inputs ({low_channels} low, {grid_channels} grid channels)")
@@ -104,6 +135,9 @@ class SegHead(nn.Module):
         self.classifier = nn.Conv2d(width, n_out, 1)
 
     def forward(self, grid: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        packed = None
+        if self.refiner is not None:
+            low, packed = low[:, : low.shape[1] - REFINE_CHANNELS], low[:, low.shape[1] - REFINE_CHANNELS :]
         parts = [self.low_proj(self.low_norm(low))]
         if self.tuned is not None:
             feats = self.tuned(low[:, low.shape[1] - self.tuned.in_channels :])
@@ -113,7 +147,8 @@ class SegHead(nn.Module):
             if self.grid_context is not None:
                 g = self.grid_context(g)
             parts.append(F.interpolate(g, size=low.shape[-2:], mode="bilinear", align_corners=False))
-        return self.classifier(self.body(torch.cat(parts, 1)))
+        logits = self.classifier(self.body(torch.cat(parts, 1)))
+        return logits if packed is None else self.refiner(logits, packed)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
