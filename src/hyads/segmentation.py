@@ -11,7 +11,9 @@ Used when pixel labels exist. The head is a pure `nn.Module` working at 1/4 of t
   defects (ImageNet features are the ceiling of a frozen head); they replace the frozen ones in the grid;
 - low inputs at stride 4: the grey image and every detector's anomaly map, average-pooled x4;
 - an input BatchNorm puts all channels on one scale (maps from different detectors and folds included), then
-  a few Conv3x3-BN-ReLU layers and a 1x1 classifier; logits are upsampled bilinearly to any output size.
+  a few Conv3x3-BN-ReLU layers and a 1x1 classifier; logits are upsampled bilinearly to any output size;
+- optionally (`refine`, config `seg_refine`) a Refiner corrects the logits at stride 2 from the
+  full-resolution grey image, which rides in the last REFINE_CHANNELS low channels.
 
 Output: one logit per pixel (binary defect mask) or K+1 class logits (background + K defect classes).
 Training: Adam, BCE + soft Dice (binary) or cross-entropy + soft Dice over the defect classes (multi-class),
