@@ -13,6 +13,7 @@ BACKBONES = ("efficientnet_lite0", "resnet18")
 SAMPLERS = ("reservoir", "coreset")
 DETECTORS = ("texture", "ae", "patchcore")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
+SEG_LOSSES = ("ce_dice", "lovasz")
 
 
 @dataclass
@@ -141,8 +142,8 @@ class HyADSConfig:
             raise bad("seg_depth", "must be >= 1")
         if self.seg_context < 0:
             raise bad("seg_context", "must be >= 0")
-        if self.seg_loss not in ("ce_dice", "lovasz"):
-            raise bad("seg_loss", "must be 'ce_dice' or 'lovasz'")
+        if self.seg_loss not in SEG_LOSSES:
+            raise bad("seg_loss", f"must be one of {', '.join(SEG_LOSSES)}")
         if self.seg_patience < 1:
             raise bad("seg_patience", "must be >= 1")
         if self.seg_lr <= 0 or self.seg_tune_lr <= 0:

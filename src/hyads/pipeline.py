@@ -508,9 +508,7 @@ class HyADS:
                 arrays = {"grid": grid, "low": low, "y": y, **pack_views(views)}
                 cache.save(key, {**arrays, **({"val_grid": gv, "val_low": lv} if has_val else {})})
         else:  # same inputs as a previous run: only the detectors this model keeps are fitted again
-            halves = self._seg_halves(len(images))
-            keep = halves[0] if halves is not None else np.arange(len(images))
-            self.fit([images[i] for i in keep], masks=list(y[keep]))
+            self._fit_kept_detectors(images, y)
             grid, low, y = hit["grid"], hit["low"], np.asarray(hit["y"])
             views = unpack_views(hit)
             gv, lv = (hit["val_grid"], hit["val_low"]) if has_val else (None, None)
@@ -558,7 +556,7 @@ class HyADS:
             other = HyADS(c)
             other.progress = self.progress
             other.fit([images[i] for i in b], masks=list(y[b]))
-            self.fit([images[i] for i in a], masks=list(y[a]))
+            self._fit_kept_detectors(images, y)
             ia, ib = [images[i] for i in a], [images[i] for i in b]
             out = []
             for flip in [(), *flips]:
@@ -566,9 +564,15 @@ class HyADS:
                 gb, lb = self.segmentation_inputs(ib, flip)
                 out.append((np.concatenate([ga, gb]), np.concatenate([la, lb]), tuple(flip)))
             return out[0][0], out[0][1], np.concatenate([y[a], y[b]]), out[1:]
-        self.fit(images, masks=list(y))
+        self._fit_kept_detectors(images, y)
         views = [(*self.segmentation_inputs(images, flip), tuple(flip)) for flip in flips]
         return (*self.segmentation_inputs(images), y, views)
+
+    def _fit_kept_detectors(self, images: list[ImageLike], y: np.ndarray) -> None:
+        """Fit this model's detectors on the images it keeps: the first cross-fitting half, or all of them."""
+        halves = self._seg_halves(len(images))
+        keep = halves[0] if halves is not None else np.arange(len(images))
+        self.fit([images[i] for i in keep], masks=list(y[keep]))
 
     def _seg_halves(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The cross-fitting halves (this model keeps the detectors of the first), or None without crossfit."""

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .config import SEG_LOSSES
 
 # The four flips of an image as numpy axes of an (B, H, W, ...) batch: identity, horizontal, vertical, both.
 FLIPS: list[tuple[int, ...]] = [(), (2,), (1,), (1, 2)]
@@ -157,7 +158,7 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-LOSSES = ("ce_dice", "lovasz")
+LOSSES = SEG_LOSSES
 
 
 def _lovasz_grad(fg_sorted: torch.Tensor) -> torch.Tensor:
@@ -204,9 +205,11 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") 
                     + lovasz_jaccard(torch.sigmoid(logits[:, 0]).reshape(-1), t.reshape(-1)))
         # Lovasz terms at half the target resolution: each sorts every pixel of the batch, a quarter as many
         # costs a quarter (full resolution would nearly double a training step); the CE stays at full size.
-        half = F.avg_pool2d(logits.softmax(1), 2) if min(target.shape[-2:]) >= 64 else logits.softmax(1)
-        sub = target[:, ::2, ::2] if half.shape[-1] != target.shape[-1] else target
-        return F.cross_entropy(logits, target) + lovasz_loss(half, sub)
+        prob, sub = logits.softmax(1), target
+        if min(target.shape[-2:]) >= 64:
+            prob = F.avg_pool2d(prob, 2)
+            sub = target[:, ::2, ::2][:, : prob.shape[-2], : prob.shape[-1]]  # odd sizes: pooling floors
+        return F.cross_entropy(logits, target) + lovasz_loss(prob, sub)
     if logits.shape[1] == 1:
         t = (target > 0).float()
         p = torch.sigmoid(logits[:, 0])

@@ -27,7 +27,7 @@ from ..data.datasets import load_segmentation_dataset
 from ..data.io import load_label_mask
 from ..pipeline import HyADS
 from ..segbench import segmentation_scores
-from ..segmentation import FLIPS, pack_views, predict_labels, unpack_views
+from ..segmentation import FLIPS, pack_views, predict_labels
 from ..utils import clean_json, write_text_atomic
 from .fedshufde import FedSettings, get_arrays, set_arrays
 from .models import local_train, new_model
@@ -118,11 +118,8 @@ def run_seg_federation(root: Path, n_clients: int, split: str, rounds: int, sett
         f"binary IoU {result['federated']['binary_iou']:.4f}")
     if baselines:
         epochs = rounds * s.local_epochs
-        pooled: dict[str, Any] = {k: np.concatenate([d[k] for d in data]) for k in ("grid", "low", "y")}
-        site_views = [unpack_views(d) for d in data]
-        pooled.update(pack_views([(np.concatenate([v[i][0] for v in site_views]),
-                                   np.concatenate([v[i][1] for v in site_views]), axes)
-                                  for i, (_, _, axes) in enumerate(site_views[0])]))
+        # every array is per image except a packed view's flip axes, which all sites share
+        pooled = {k: v if k.endswith("_axes") else np.concatenate([d[k] for d in data]) for k, v in data[0].items()}
         head = new_model("seg-head", s.seed, shape)
         local_train(head, pooled, s, seed=s.seed, epochs=epochs)
         result["centralised"] = evaluate(get_arrays(head))
