@@ -277,6 +277,21 @@ def test_input_cache_gives_the_same_model_without_recomputing_inputs(tmp_path, m
     assert len([p for p in (tmp_path / "cache").iterdir()]) == 2
 
 
+def test_input_cache_damage_and_write_failures_are_reported_not_fatal(tmp_path) -> None:
+    from hyads.seg_cache import InputCache
+
+    cache = InputCache(tmp_path / "cache")
+    entry = cache.save("k", {"grid": np.ones((2, 3), np.float16)})
+    np.testing.assert_array_equal(cache.load("k")["grid"], np.ones((2, 3)))
+    (entry / "grid.npy").write_bytes(b"not an array")
+    with pytest.warns(RuntimeWarning, match="unreadable input-cache entry"):
+        assert cache.load("k") is None
+    blocked = InputCache(tmp_path / "a_file")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.warns(RuntimeWarning, match="could not store the head inputs"):
+        assert blocked.save("k", {"grid": np.ones(2)}) is None
+
+
 def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> None:
     tr, mtr = _labelled(12, 0)
     te, _ = _labelled(4, 2)

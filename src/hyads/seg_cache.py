@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,28 +61,42 @@ class InputCache:
         self.root = Path(root)
 
     def load(self, key: str) -> dict[str, np.ndarray] | None:
-        """The arrays stored under `key` (memory-mapped), or None when there is no complete entry."""
+        """The arrays stored under `key` (memory-mapped), or None when there is no complete entry. An entry
+        that cannot be read (damaged, edited by hand) is reported and treated as absent: the caller computes
+        the inputs again and `save` replaces it."""
         folder = self.root / key
         meta = folder / "arrays.json"
         if not meta.is_file():
             return None
-        names = json.loads(meta.read_text())
-        return {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+        try:
+            names = json.loads(meta.read_text())
+            return {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{folder}: unreadable input-cache entry ({exc}); computing the inputs again",
+                          RuntimeWarning, stacklevel=2)
+            return None
 
-    def save(self, key: str, arrays: dict[str, np.ndarray]) -> Path:
-        """Store `arrays` under `key`; a reader never sees a half-written entry (written aside, then renamed)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, key: str, arrays: dict[str, np.ndarray]) -> Path | None:
+        """Store `arrays` under `key`; a reader never sees a half-written entry (written aside, then renamed).
+        A failed write (disk full, read-only folder) is reported and skipped, never fatal: the caller
+        already holds the inputs and the training they took minutes to make goes on."""
         final = self.root / key
         tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
             (tmp / "arrays.json").write_text(json.dumps(list(arrays)))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"{self.root}: could not store the head inputs ({exc}); training goes on without "
+                          "the cache", RuntimeWarning, stacklevel=2)
+            return None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
