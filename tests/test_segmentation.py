@@ -120,6 +120,37 @@ def test_refiner_starts_as_plain_upsampling_and_resolves_detail_below_the_head_s
     assert scores["refine"] > scores["plain"] + 0.2, scores
 
 
+def test_wider_refiner_warm_starts_exactly_and_trains_its_own_learning_rate() -> None:
+    """A trained refiner grown to a wider one that also sees the body's features (seg_refine_width,
+    seg_refine_features) gives the same output after _warm_start; the trainer puts it in its own group."""
+    from hyads import HyADS
+    from hyads.pipeline import _warm_start
+    from hyads.segmentation import REFINE_CHANNELS, SegHeadTrainer
+
+    torch.manual_seed(0)
+    small = SegHead(4, 3 + REFINE_CHANNELS, 3, width=16, refine=True)
+    with torch.no_grad():  # a refiner that does something, with non-trivial BN statistics
+        for p in small.refiner.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        small.refiner.body[0][1].running_mean.uniform_(-1, 1)
+    source = HyADS()
+    source.seghead_ = small.eval()
+    big = SegHead(4, 3 + REFINE_CHANNELS, 3, width=16, refine=True, refine_width=40, refine_features=8).eval()
+    _warm_start(big, source)
+    grid, low = torch.randn(2, 4, 8, 8), torch.randn(2, 3 + REFINE_CHANNELS, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(big(grid, low), small(grid, low))
+    before = {n: p.detach().clone() for n, p in big.named_parameters()}
+    y = np.random.default_rng(0).integers(0, 3, (8, 64, 64)).astype(np.uint8)
+    g8, l8 = np.random.default_rng(1).normal(size=(8, 4, 8, 8)), np.random.default_rng(2).normal(
+        size=(8, 3 + REFINE_CHANNELS, 16, 16))
+    SegHeadTrainer(epochs=1, lr=1e-9, refine_lr=1e-2, batch_size=8, progress=False).fit(
+        big, g8.astype(np.float32), l8.astype(np.float32), y)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in big.named_parameters()}
+    assert max(v for n, v in moved.items() if n.startswith("refiner.")) > 1e-3
+    assert max(v for n, v in moved.items() if not n.startswith("refiner.")) < 1e-5
+
+
 def test_dilated_head_sees_further_at_the_same_size() -> None:
     torch.manual_seed(0)
     low = torch.zeros(1, 3, 32, 32)

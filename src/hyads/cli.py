@@ -424,6 +424,9 @@ def segment(
     max_train: int = typer.Option(0, help="Use only the first N training images (0 = all)."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="Learned refinement of the head's output at "
                                 "stride 2 from the full-resolution grey image (sharper mask boundaries)."),
+    refine_width: int = typer.Option(24, help="Refiner width (--refine)."),
+    refine_features: int = typer.Option(0, help="Channels of the head's features the refiner also sees (0 = none)."),
+    refine_lr: float = typer.Option(0.0, help="Refiner learning rate (0 = --lr)."),
     input_cache: Optional[Path] = typer.Option(None, help="Folder that keeps the head's inputs between runs: a "
                                                "later stage with the same images and input options skips "
                                                "computing them (NEU-Seg: ~6 GB per entry with --flip-views)."),
@@ -440,7 +443,9 @@ def segment(
                   seg_epochs=epochs, ae_epochs=ae_epochs, ratio=ratio, seg_features=features,
                   seg_fine_features=fine, seg_dilated=dilated, seg_depth=depth, seg_tta=tta, seg_context=context,
                   seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience,
-                  seg_flip_views=flip_views, seg_loss=loss, seg_refine=refine, seed=seed)
+                  seg_flip_views=flip_views, seg_loss=loss, seg_refine=refine,
+                  seg_refine_width=refine_width, seg_refine_features=refine_features, seg_refine_lr=refine_lr,
+                  seed=seed)
     run_segmentation(ds, out, model, max_train=max_train, init_head=init_head, input_cache=input_cache)
     console.print((out / "results.md").read_text(), markup=False)
 

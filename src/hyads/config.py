@@ -99,6 +99,11 @@ class HyADSConfig:
     # A small learned refinement of the head's stride-4 logits at stride 2 from the full-resolution grey image
     # (segmentation.Refiner): most head errors are within 2 px of a mask boundary.
     seg_refine: bool = False
+    # The refiner's width, how many channels of the head body's features it also sees (0 = logits + image
+    # only), and its learning rate (0 = seg_lr).
+    seg_refine_width: int = 24
+    seg_refine_features: int = 0
+    seg_refine_lr: float = 0.0
     # Cross-fitting: each half of the labelled images gets its detector maps from detectors fitted on the
     # other half, so the head never trains on maps of images whose own patches are in the bank.
     seg_crossfit: bool = True
@@ -146,6 +151,8 @@ class HyADSConfig:
             raise bad("seg_loss", f"must be one of {', '.join(SEG_LOSSES)}")
         if self.seg_patience < 1:
             raise bad("seg_patience", "must be >= 1")
+        if self.seg_refine_width < 1 or self.seg_refine_features < 0 or self.seg_refine_lr < 0:
+            raise bad("seg_refine_width", "seg_refine_width must be >= 1, seg_refine_features and seg_refine_lr >= 0")
         if self.seg_lr <= 0 or self.seg_tune_lr <= 0:
             raise bad("seg_lr" if self.seg_lr <= 0 else "seg_tune_lr", "must be > 0")
         if self.seg_tune and not (self.seg_features and self.seg_fine_features):

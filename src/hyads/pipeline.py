@@ -519,7 +519,8 @@ class HyADS:
         if init_head is not None:
             _warm_start(self.seghead_, init_head)
         trainer = SegHeadTrainer(c.seg_epochs, c.seg_lr, patience=c.seg_patience, seed=c.seed,
-                                 progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr, loss=c.seg_loss)
+                                 progress=self.progress, bf16=c.seg_bf16, tune_lr=c.seg_tune_lr, loss=c.seg_loss,
+                                 refine_lr=c.seg_refine_lr)
         trainer.fit(self.seghead_, grid, low, y, val, warm_start=init_head is not None, views=views)
         self.fit_info_["segmentation"] = {"classes": classes, "n_images": len(images),
                                           "crossfit": bool(c.seg_crossfit and len(images) >= 4),
@@ -540,7 +541,7 @@ class HyADS:
             tuned = TunedFeatures(BackboneTail(self.backbone_), copy.deepcopy(self.embedder_),
                                   self.backbone_.fine_channels)
         return SegHead(grid_channels, low_channels, n_out, c.seg_width, c.seg_depth, c.seg_dilated, c.seg_context,
-                       tuned, c.seg_refine)
+                       tuned, c.seg_refine, c.seg_refine_width, c.seg_refine_features)
 
     def fit_segmentation_inputs(self, images: list[ImageLike], y: np.ndarray, flips: Sequence[tuple[int, ...]] = ()
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FlipView]]:
@@ -750,12 +751,22 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
 def _warm_start(head: SegHead, source: HyADS | str | Path) -> None:
     """Copy a fitted model's segmentation head into `head` (same inputs and layout required). Tuned layers
     the source lacks keep their backbone initialisation, a refiner it lacks its zero start (the packed image
-    channels only feed the refiner); anything else that does not match is an error."""
+    channels only feed the refiner). A wider refiner (seg_refine_width, seg_refine_features) takes the
+    source's refiner in its leading channels, with zero weights from its new input channels, so it starts
+    exactly where the source was. Anything else that does not match is an error."""
     src = source if isinstance(source, HyADS) else HyADS.load(source)
     other = getattr(src, "seghead_", None)
     if other is None:
         raise HyADSError(f"{source}: has no segmentation head to start from")
-    mine, theirs = head.state_dict(), other.state_dict()
+    mine, theirs = head.state_dict(), dict(other.state_dict())
+    for k, v in list(theirs.items()):
+        if k.startswith("refiner.") and k in mine and mine[k].shape != v.shape and mine[k].dim() == v.dim() \
+                and all(a >= b for a, b in zip(mine[k].shape, v.shape)):
+            grown = mine[k].clone()
+            if grown.dim() == 4:  # conv weight: nothing flows in from the new input channels
+                grown[:, v.shape[1] :] = 0
+            grown[tuple(slice(0, n) for n in v.shape)] = v
+            theirs[k] = grown
     wrong = [k for k, v in theirs.items() if k not in mine or mine[k].shape != v.shape]
     missing = [k for k in mine if k not in theirs and not k.startswith(("tuned.", "refiner."))]
     if wrong or missing:

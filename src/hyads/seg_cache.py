@@ -26,7 +26,8 @@ import numpy as np
 
 # Config fields that only change how the head trains or predicts, not its inputs.
 HEAD_ONLY = frozenset({"seg_epochs", "seg_lr", "seg_tune_lr", "seg_patience", "seg_loss", "seg_tta", "seg_bf16",
-                       "seg_width", "seg_depth", "seg_dilated", "seg_context", "seg_tune", "seg_classes"})
+                       "seg_width", "seg_depth", "seg_dilated", "seg_context", "seg_tune", "seg_classes",
+                       "seg_refine_width", "seg_refine_features", "seg_refine_lr"})
 
 
 def _image_id(img: Any) -> str:

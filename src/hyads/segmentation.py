@@ -86,20 +86,31 @@ class Refiner(nn.Module):
     """Stride-4 logits + the full-resolution grey image -> stride-2 logits (upsampled logits + a learned
     correction). Why: the head sees the image only average-pooled to stride 4 (4 px cells), while most of its
     errors lie within 2 px of a mask boundary; a fixed edge-aware filter (guided filter) did not help on NEU,
-    a learned one may. The last conv starts at zero, so a warm-started head begins exactly where it was."""
+    a learned one may. The last conv starts at zero, so a warm-started head begins exactly where it was.
+    features > 0 also feeds the head body's last feature map (projected to `features` channels by a 1x1
+    conv), which says more than the logits about what the head saw; its input weights start at zero too."""
 
-    def __init__(self, n_out: int, width: int = 24):
+    def __init__(self, n_out: int, width: int = 24, features: int = 0, feature_channels: int = 0):
         super().__init__()
         self.norm = nn.BatchNorm2d(4)  # grey at stride 1, space-to-depth by 2: 4 channels at stride 2
-        self.body = nn.Sequential(_cbr(n_out + 4, width), _cbr(width, width))
+        self.feat_proj = _cbr(feature_channels, features, 1) if features else None
+        self.body = nn.Sequential(_cbr(n_out + 4 + features, width), _cbr(width, width))
+        if features:
+            with torch.no_grad():
+                self.body[0][0].weight[:, n_out + 4 :] = 0
         self.out = nn.Conv2d(width, n_out, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, packed: torch.Tensor, feats: torch.Tensor | None = None
+                ) -> torch.Tensor:
         grey = F.pixel_unshuffle(F.pixel_shuffle(packed, 4), 2)
-        up = F.interpolate(logits, size=grey.shape[-2:], mode="bilinear", align_corners=False)
-        return up + self.out(self.body(torch.cat([up, self.norm(grey.to(up.dtype))], 1)))
+        size = grey.shape[-2:]
+        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        parts = [up, self.norm(grey.to(up.dtype))]
+        if self.feat_proj is not None and feats is not None:
+            parts.append(F.interpolate(self.feat_proj(feats), size=size, mode="bilinear", align_corners=False))
+        return up + self.out(self.body(torch.cat(parts, 1)))
 
 
 class SegHead(nn.Module):
@@ -108,7 +119,7 @@ class SegHead(nn.Module):
 
     def __init__(self, grid_channels: int, low_channels: int, n_out: int, width: int = 64, depth: int = 3,
                  dilated: bool = False, context: int = 0, tuned: TunedFeatures | None = None,
-                 refine: bool = False):
+                 refine: bool = False, refine_width: int = 24, refine_features: int = 0):
         """dilated: body layer i uses dilation 2**i (1, 2, 4 for depth 3): a 15-cell (60 px at stride 4)
         receptive field instead of 7 at the same cost, for long scratches and large patches.
         context: Conv3x3-BN-ReLU layers (2 * width channels, dilations 1, 2, 4, ...) on the stride-8 grid
@@ -116,10 +127,11 @@ class SegHead(nn.Module):
         so the class decision (inclusion vs scratch) can use the whole defect.
         tuned: recomputes the last `tuned.out_dim` grid channels (the frozen patch features) from the last
         `tuned.in_channels` low channels (the backbone's stride-4 map, before the packed image) with
-        trainable layers. refine: a Refiner on the packed grey image (see REFINE_CHANNELS)."""
+        trainable layers. refine: a Refiner on the packed grey image (see REFINE_CHANNELS), refine_width and
+        refine_features its width and how many channels of the body's features it sees."""
         super().__init__()
         self.grid_channels, self.low_channels, self.n_out = grid_channels, low_channels, n_out
-        self.refiner = Refiner(n_out) if refine else None
+        self.refiner = Refiner(n_out, refine_width, refine_features, width) if refine else None
         low_channels -= REFINE_CHANNELS if refine else 0
         if tuned is not None and (tuned.out_dim > grid_channels or tuned.in_channels > low_channels):
             raise ValueError(f"tuned features ({tuned.in_channels} -> {tuned.out_dim} channels) do not fit the "
@@ -150,8 +162,9 @@ class SegHead(nn.Module):
             if self.grid_context is not None:
                 g = self.grid_context(g)
             parts.append(F.interpolate(g, size=low.shape[-2:], mode="bilinear", align_corners=False))
-        logits = self.classifier(self.body(torch.cat(parts, 1)))
-        return logits if packed is None else self.refiner(logits, packed)
+        feats = self.body(torch.cat(parts, 1))
+        logits = self.classifier(feats)
+        return logits if packed is None else self.refiner(logits, packed, feats)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -229,11 +242,13 @@ class SegHeadTrainer:
 
     def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 16, patience: int = 5,
                  seed: int = 0, progress: bool = True, bf16: bool = False, tune_lr: float = 1e-4,
-                 loss: str = "ce_dice"):
+                 loss: str = "ce_dice", refine_lr: float = 0.0):
         """bf16: run the head's forward under bfloat16 autocast while training (weights, loss and
         prediction stay float32): about 2x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower where
         it is emulated. tune_lr: learning rate of the head's tuned backbone layers (pretrained weights want a
-        smaller step than the freshly initialised head)."""
+        smaller step than the freshly initialised head). refine_lr: learning rate of the refiner (0 = lr): in a
+        later stage the rest of the head has converged while the refiner is still learning."""
+        self.refine_lr = refine_lr or lr
         self.epochs, self.lr, self.batch_size, self.patience = epochs, lr, batch_size, patience
         self.tune_lr = tune_lr
         self.seed, self.progress, self.bf16 = seed, progress, bf16
@@ -253,9 +268,12 @@ class SegHeadTrainer:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         n_classes = max(2, head.n_out)
-        tuned = [p for n, p in head.named_parameters() if n.startswith("tuned.")]
-        rest = [p for n, p in head.named_parameters() if not n.startswith("tuned.")]
-        groups = [{"params": rest, "lr": self.lr}] + ([{"params": tuned, "lr": self.tune_lr}] if tuned else [])
+        named = list(head.named_parameters())
+        tuned = [p for n, p in named if n.startswith("tuned.")]
+        refiner = [p for n, p in named if n.startswith("refiner.")]
+        rest = [p for n, p in named if not n.startswith(("tuned.", "refiner."))]
+        groups = ([{"params": rest, "lr": self.lr}] + ([{"params": tuned, "lr": self.tune_lr}] if tuned else [])
+                  + ([{"params": refiner, "lr": self.refine_lr}] if refiner else []))
         opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs))
         best, best_state, bad = -math.inf, copy.deepcopy(head.state_dict()), 0
