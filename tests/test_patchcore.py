@@ -108,6 +108,38 @@ def test_memory_bank_fit_and_add(sampler):
         assert bank.distances(far).max() < before.min()  # the far-away newcomers were picked
 
 
+def test_reservoir_coreset_bank_covers_the_reservoir_and_survives_save_add_load(tmp_path):
+    """coreset_keep: the bank is a greedy coreset of the reservoir - smaller, but every reservoir row stays
+    close to it (k-center cover), far closer than a uniform subsample of the same size manages; the reservoir
+    persists beside it, so a reloaded bank adds new patches exactly as the original does."""
+    rng = np.random.default_rng(0)
+    # a dense cluster and sparse outliers: a uniform sample misses outliers, a coreset keeps them
+    x = np.concatenate([rng.normal(size=(1800, 8)), rng.normal(loc=6, scale=3, size=(200, 8))]).astype(np.float32)
+    full = MemoryBank("reservoir", ratio=0.5, seed=0, coreset_projection_dim=0)
+    half = MemoryBank("reservoir", ratio=0.5, seed=0, coreset_projection_dim=0, coreset_keep=0.25)
+    for b in (full, half):
+        b.start(len(x), 8)
+        b.partial_fit(x)
+        b.finish()
+    res = full.bank_
+    np.testing.assert_array_equal(half.reservoir.filled, res)  # same reservoir, same seed
+    assert len(half.bank_) == round(0.25 * len(res))
+    uniform = MemoryBank("reservoir", ratio=0.5 * 0.25, seed=1)
+    uniform.start(len(res), 8)
+    uniform.partial_fit(res)
+    uniform.finish()
+    assert half.distances(res).max() < 0.6 * uniform.distances(res).max()
+    tensors, meta = half.get_state()
+    assert tensors["reservoir"].shape == res.shape
+    again = MemoryBank("reservoir", ratio=0.5, seed=0, coreset_projection_dim=0, coreset_keep=0.25)
+    again.set_state(tensors, meta)
+    new = rng.normal(loc=-20, size=(300, 8)).astype(np.float32)
+    half.add(new)
+    again.add(new)
+    np.testing.assert_array_equal(again.bank_, half.bank_)
+    assert half.distances(new[:5]).max() < 10  # some newcomers entered the reservoir and the coreset took them
+
+
 def test_float16_and_pq_indexes():
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(20_000, 32)).astype(np.float32)

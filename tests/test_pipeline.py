@@ -179,6 +179,23 @@ def test_pca_knn_model_detects_and_survives_save_load(tmp_path, synth_root):
     np.testing.assert_allclose(load_model(m.save(tmp_path / "m")).score_samples(paths), scores, rtol=1e-5)
 
 
+def test_reservoir_coreset_model_detects_and_adds_the_same_after_save_load(tmp_path, synth_root):
+    ds = load_dataset(synth_root)
+    m = HyADS(image_size=128, seed=0, coreset_keep=0.5)
+    m.progress = False
+    m.fit(ds.train[:-3])
+    assert len(m.bank_.bank_) == round(0.5 * len(m.bank_.reservoir.filled))
+    paths = [s.path for s in ds.test]
+    labels = np.array([s.label for s in ds.test])
+    scores = m.score_samples(paths)
+    assert auroc(labels, scores) >= 0.9
+    loaded = load_model(m.save(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.score_samples(paths), scores, rtol=1e-5)
+    for model in (m, loaded):  # the reservoir came back too: the same images enter the same way
+        model.add_normal(ds.train[-3:])
+    np.testing.assert_array_equal(loaded.bank_.bank_, m.bank_.bank_)
+
+
 def test_smoothing_on_the_grid_matches_full_resolution_smoothing():
     """Blur-then-upsample (cheap) against upsample-then-blur (default) on a smooth, PatchCore-like grid."""
     from scipy import ndimage

@@ -85,6 +85,8 @@ def fit(
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
     sampler: str = typer.Option("reservoir", help="Memory-bank sampler: reservoir | coreset."),
     ratio: float = typer.Option(0.1, help="Fraction of normal patches kept in the bank."),
+    coreset_keep: float = typer.Option(1.0, help="Reservoir sampler: search a greedy coreset of this fraction of "
+                                       "the reservoir (1 = all of it; smaller = faster kNN)."),
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 | resnet18."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weight file (required for resnet18)."),
     image_size: int = typer.Option(256, help="Model resolution (multiple of 32)."),
@@ -119,7 +121,7 @@ def fit(
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
                   smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
-                  ivf_nlist=nlist, knn_dim=knn_dim)
+                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)

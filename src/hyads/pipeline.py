@@ -706,7 +706,7 @@ class HyADS:
 
 def _new_bank(c: HyADSConfig) -> MemoryBank:
     return MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe, c.seed,
-                      c.ivf_min_bank, c.bank_float16, c.knn_dim)
+                      c.ivf_min_bank, c.bank_float16, c.knn_dim, c.coreset_keep)
 
 
 def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
@@ -717,7 +717,8 @@ def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[st
     if "patchcore" in dets:
         model._build_features()
         model.bank_ = _new_bank(config)
-        model.bank_.set_state({"bank": tensors["bank"]}, state["bank"])
+        model.bank_.set_state({k: tensors[n] for k, n in (("bank", "bank"), ("reservoir", "bank_reservoir"))
+                               if n in tensors}, state["bank"])
         if model.bank_.bank_.shape[1] != model.embedder_.out_dim:
             raise HyADSError(f"bank has {model.bank_.bank_.shape[1]} features per patch but the config gives "
                              f"{model.embedder_.out_dim}")
@@ -789,6 +790,8 @@ def export_state(model: HyADS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if model.bank_ is not None:
         bank_tensors, state["bank"] = model.bank_.get_state()
         tensors["bank"] = bank_tensors["bank"]
+        if "reservoir" in bank_tensors:
+            tensors["bank_reservoir"] = bank_tensors["reservoir"]
     if "texture" in model.detectors:
         tensors["texture_bank"] = model.texture_reservoir_.filled.copy()
         tensors["texture_mean"] = model.texture_mean_

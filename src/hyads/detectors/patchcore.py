@@ -186,6 +186,12 @@ class MemoryBank:
       and later `add` calls keep it a uniform sample of every patch seen.
     - coreset: greedy k-center selection of `ratio` of the patches (PatchCore); `add` continues the greedy
       selection from the current bank over the new patches, so the bank grows by `ratio` of them.
+
+    coreset_keep < 1 (reservoir only) searches a greedy coreset of `coreset_keep` of the reservoir instead of
+    the whole reservoir: the design's "reservoir sampling ~10 %, and greedy coreset". Why: the kNN stage costs
+    ~sqrt(bank rows) with IVF, and a uniform sample is full of near-duplicate patches that a coreset drops,
+    while the reservoir keeps streaming and bounded memory (the coreset runs on ~10 % of the patches, not all).
+    The reservoir is kept beside the bank, and `add` re-selects the coreset from the updated reservoir.
     """
 
     def __init__(
@@ -200,8 +206,12 @@ class MemoryBank:
         ivf_min_bank: int = 10_000,
         float16: bool = False,
         pca_dim: int = 0,
+        coreset_keep: float = 1.0,
     ):
+        if not 0.0 < coreset_keep <= 1.0:
+            raise HyADSError(f"coreset_keep {coreset_keep} must be in (0, 1]")
         self.sampler = sampler
+        self.coreset_keep = coreset_keep
         self.ratio = ratio
         self.coreset_projection_dim = coreset_projection_dim
         self.index_kind = index
@@ -236,7 +246,7 @@ class MemoryBank:
     def finish(self) -> "MemoryBank":
         if self.sampler == "reservoir":
             assert self.reservoir is not None
-            self.bank_ = self.reservoir.filled.copy()
+            self.bank_ = self._from_reservoir()
         else:
             x = np.concatenate(self._pending)
             self._pending = []
@@ -252,13 +262,22 @@ class MemoryBank:
         if self.sampler == "reservoir":
             assert self.reservoir is not None
             self.reservoir.update(patches)
-            self.bank_ = self.reservoir.filled.copy()
+            self.bank_ = self._from_reservoir()
         else:
             n_new = int(round(self.ratio * len(patches)))
             sel = greedy_coreset(patches, n_new, self.coreset_projection_dim, self.seed + self.n_seen_, self.bank_)
             self.bank_ = np.concatenate([self.bank_, patches[np.sort(sel)]])
         self.n_seen_ += len(patches)
         self._index = None
+
+    def _from_reservoir(self) -> np.ndarray:
+        assert self.reservoir is not None
+        rows = self.reservoir.filled
+        if self.coreset_keep >= 1.0:
+            return rows.copy()
+        sel = greedy_coreset(rows, max(1, int(round(self.coreset_keep * len(rows)))), self.coreset_projection_dim,
+                             self.seed)
+        return rows[np.sort(sel)]
 
     # -- search -----------------------------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -283,11 +302,15 @@ class MemoryBank:
         meta: dict[str, Any] = {"n_seen": self.n_seen_}
         if self.reservoir is not None:
             meta["reservoir"] = self.reservoir.get_state()
+            if self.coreset_keep < 1.0:  # the bank is a coreset of it: keep the reservoir for later adds
+                filled = self.reservoir.filled
+                tensors["reservoir"] = filled.astype(np.float16) if self.float16 else filled.copy()
         return tensors, meta
 
     def set_state(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.bank_ = np.ascontiguousarray(tensors["bank"], dtype=np.float32)
         self.n_seen_ = int(meta["n_seen"])
         if "reservoir" in meta:
-            self.reservoir = Reservoir.from_state(meta["reservoir"], self.bank_)
+            rows = tensors.get("reservoir", tensors["bank"])
+            self.reservoir = Reservoir.from_state(meta["reservoir"], np.asarray(rows, dtype=np.float32))
         self._index = None
