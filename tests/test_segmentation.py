@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from hyads import HyADS
 from hyads import metrics as M
@@ -321,6 +322,31 @@ def test_input_cache_damage_and_write_failures_are_reported_not_fatal(tmp_path) 
     (tmp_path / "a_file").write_text("x")
     with pytest.warns(RuntimeWarning, match="could not store the head inputs"):
         assert blocked.save("k", {"grid": np.ones(2)}) is None
+
+
+def test_input_cache_key_follows_image_content_not_path_or_time(tmp_path) -> None:
+    """The same images copied elsewhere (a fresh copy of the dataset: new paths, new modification times) keep
+    the key; a changed pixel or a changed input option does not."""
+    import os
+    import shutil
+
+    from hyads import HyADSConfig
+    from hyads.seg_cache import cache_key
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(a / f"{i}.png")
+    shutil.copytree(a, b)
+    for f in b.iterdir():
+        os.utime(f, (1e9, 1e9))
+    y, c = np.zeros((3, 8, 8), np.uint8), HyADSConfig(image_size=64)
+    key = cache_key(c, sorted(a.iterdir()), y, None, [])
+    assert cache_key(c, sorted(b.iterdir()), y, None, []) == key
+    assert cache_key(HyADSConfig(image_size=64, seg_lr=0.5), sorted(b.iterdir()), y, None, []) == key
+    assert cache_key(HyADSConfig(image_size=96), sorted(b.iterdir()), y, None, []) != key
+    Image.fromarray(np.full((16, 16, 3), 41, np.uint8)).save(b / "1.png")
+    assert cache_key(c, sorted(b.iterdir()), y, None, []) != key
 
 
 def test_flip_tta_is_flip_equivariant_and_dilated_head_round_trips(tmp_path) -> None:

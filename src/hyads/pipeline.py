@@ -7,6 +7,7 @@ in attributes ending in `_`. Higher scores mean more anomalous (the PyOD convent
 from __future__ import annotations
 
 import copy
+import sys
 import datetime as _dt
 import time
 from collections.abc import Iterator, Sequence
@@ -501,6 +502,9 @@ class HyADS:
             cache = InputCache(input_cache)
             key = cache_key(c, images, y, list(val_images) if has_val else None, flips)
             hit = cache.load(key)
+            if self.progress:  # says at once whether the next ~17 minutes (NEU-Seg) are spent computing inputs
+                print(f"input cache {cache.root / key}: {'found' if hit is not None else 'absent, computing inputs'}",
+                      file=sys.stderr, flush=True)
         if hit is None:
             grid, low, y, views = self.fit_segmentation_inputs(images, y, flips)
             gv, lv = self.segmentation_inputs(list(val_images)) if has_val else (None, None)

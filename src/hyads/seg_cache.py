@@ -4,8 +4,8 @@ recompute them.
 Why: on NEU-Seg the head inputs (detector maps, texture descriptors and backbone features of 3,129 training
 images, cross-fitted, times 4 flip views, plus validation) take ~17 minutes, while one head epoch takes ~3;
 successive stages (`--init-head`, a new loss or learning rate) see exactly the same inputs. The key hashes
-everything that determines them: the config minus the head's own training options, the images (path, size
-and modification time, or the pixels of in-memory arrays), the masks and the flips. Entries are folders of
+everything that determines them: the config minus the head's own training options, the images (the bytes
+of each file, or the pixels of in-memory arrays), the masks and the flips. Entries are folders of
 plain .npy files (no pickle), written under a temporary name and renamed, and read back memory-mapped.
 The key covers hyads' version, not every code change: clear the folder after changing how inputs are made.
 """
@@ -31,11 +31,12 @@ HEAD_ONLY = frozenset({"seg_epochs", "seg_lr", "seg_tune_lr", "seg_patience", "s
 
 
 def _image_id(img: Any) -> str:
+    """Content hash of an image (file bytes or array pixels). Not path + modification time: a dataset copied
+    again or moved (a fresh checkout, a new machine) is the same data, and reading a few thousand files to
+    hash them takes about a second against the minutes the entry saves."""
     if isinstance(img, np.ndarray):
         return "array:" + hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() + str(img.shape)
-    p = Path(img)
-    st = p.stat()
-    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return "file:" + hashlib.sha256(Path(img).read_bytes()).hexdigest()
 
 
 def cache_key(config: Any, images: Sequence[Any], y: np.ndarray, val_images: Sequence[Any] | None,
