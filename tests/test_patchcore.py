@@ -140,6 +140,25 @@ def test_reservoir_coreset_bank_covers_the_reservoir_and_survives_save_add_load(
     assert half.distances(new[:5]).max() < 10  # some newcomers entered the reservoir and the coreset took them
 
 
+def test_rerank_makes_each_images_upper_tail_exact_whatever_the_batch():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(20_000, 16)).astype(np.float32)
+    q = rng.normal(size=(3 * 100, 16)).astype(np.float32)  # 3 "images" of 100 patches
+    q[:5] *= 3  # a few far patches in the first image
+    exact = NearestNeighbourIndex(bank, "flat").search(q)
+    approx = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1).search(q)
+    ix = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1, rerank=0.1)
+    fixed = ix.search(q, group=100)
+    assert np.mean(~np.isclose(approx, exact, rtol=1e-4)) > 0.1  # nprobe 1 misses often here
+    assert np.all(fixed <= approx + 1e-5) and np.all(fixed >= exact - 1e-4)
+    for img in range(3):
+        sl = slice(100 * img, 100 * img + 100)
+        top = np.argsort(-approx[sl])[:10]
+        np.testing.assert_allclose(fixed[sl][top], exact[sl][top], rtol=1e-4)  # the top 10 % are exact
+        np.testing.assert_allclose(fixed[sl].max(), exact[sl].max(), rtol=1e-4)  # and, here, the image maximum
+        np.testing.assert_array_equal(ix.search(q[sl], group=100), fixed[sl])  # batch-independent
+
+
 def test_float16_and_pq_indexes():
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(20_000, 32)).astype(np.float32)

@@ -98,7 +98,7 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
                     p = model.runtime(rgb)
                     t["features"] = time.perf_counter()
                 bsz, h, w, d = p.shape
-                dist = model.bank_.distances(p.reshape(-1, d)).reshape(bsz, 1, h, w)
+                dist = model.bank_.distances(p.reshape(-1, d), h * w).reshape(bsz, 1, h, w)
                 t["knn"] = time.perf_counter()
                 maps["patchcore"] = model._upsample_smooth(dist)
                 t["post"] = time.perf_counter()

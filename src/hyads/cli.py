@@ -101,6 +101,8 @@ def fit(
     nprobe: int = typer.Option(4, help="IVF cells searched per query (1 = fastest; measured in RESULTS)."),
     nlist: int = typer.Option(0, help="IVF cells (0 = 2 * sqrt(bank rows))."),
     knn_dim: int = typer.Option(0, help="Search the bank in its top-K principal components (0 = full dim; 64 = faster kNN, see RESULTS)."),
+    knn_rerank: float = typer.Option(0.0, help="Approximate indexes: search each image's top fraction of patches "
+                                     "again exactly (keeps image scores exact at a small cost)."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -121,7 +123,7 @@ def fit(
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
                   smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
-                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep)
+                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep, knn_rerank=knn_rerank)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)

@@ -45,6 +45,9 @@ class HyADSConfig:
     bank_float16: bool = False
     # Search in the bank's top-k principal components (0 = full dimension): a cheaper kNN stage.
     knn_dim: int = 0
+    # Approximate indexes: search each image's top fraction of patches (largest approximate distance) again
+    # exactly, so misses of the approximate search cannot make a normal image look defective.
+    knn_rerank: float = 0.0
     # Which detectors make maps (fused by grid-searched weights when more than one).
     detectors: list[str] = field(default_factory=lambda: ["patchcore"])
     # U-Net autoencoder.
@@ -162,6 +165,8 @@ class HyADSConfig:
         if self.seg_tune and not (self.seg_features and self.seg_fine_features):
             raise bad("seg_tune", "needs seg_features and seg_fine_features (the tuned layers start from the "
                       "stride-4 map and replace the frozen patch features)")
+        if not 0.0 <= self.knn_rerank <= 1.0:
+            raise bad("knn_rerank", f"{self.knn_rerank} must be in [0, 1]")
         if self.knn_dim < 0:
             raise bad("knn_dim", "must be >= 0")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1:

@@ -181,7 +181,7 @@ class HyADS:
 
     def _maps_from_patches(self, patches: np.ndarray) -> np.ndarray:
         b, h, w, d = patches.shape
-        return self._upsample_smooth(self.bank_.distances(patches.reshape(-1, d)).reshape(b, 1, h, w))
+        return self._upsample_smooth(self.bank_.distances(patches.reshape(-1, d), h * w).reshape(b, 1, h, w))
 
     def _upsample_smooth(self, dist: np.ndarray) -> np.ndarray:
         """(B, 1, h, w) patch distances -> (B, S, S) maps: bilinear upsampling then Gaussian smoothing.
@@ -710,7 +710,7 @@ class HyADS:
 
 def _new_bank(c: HyADSConfig) -> MemoryBank:
     return MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe, c.seed,
-                      c.ivf_min_bank, c.bank_float16, c.knn_dim, c.coreset_keep)
+                      c.ivf_min_bank, c.bank_float16, c.knn_dim, c.coreset_keep, c.knn_rerank)
 
 
 def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
