@@ -147,7 +147,7 @@ def test_rerank_makes_each_images_upper_tail_exact_whatever_the_batch():
     q[:5] *= 3  # a few far patches in the first image
     exact = NearestNeighbourIndex(bank, "flat").search(q)
     approx = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1).search(q)
-    ix = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1, rerank=0.1)
+    ix = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1, rerank=0.1, rerank_nprobe=128)  # all cells: exact
     fixed = ix.search(q, group=100)
     assert np.mean(~np.isclose(approx, exact, rtol=1e-4)) > 0.1  # nprobe 1 misses often here
     assert np.all(fixed <= approx + 1e-5) and np.all(fixed >= exact - 1e-4)
@@ -157,6 +157,10 @@ def test_rerank_makes_each_images_upper_tail_exact_whatever_the_batch():
         np.testing.assert_allclose(fixed[sl][top], exact[sl][top], rtol=1e-4)  # the top 10 % are exact
         np.testing.assert_allclose(fixed[sl].max(), exact[sl].max(), rtol=1e-4)  # and, here, the image maximum
         np.testing.assert_array_equal(ix.search(q[sl], group=100), fixed[sl])  # batch-independent
+    wide = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1, rerank=0.1, rerank_nprobe=16, pca_dim=8)
+    narrow = NearestNeighbourIndex(bank, "ivf", nlist=128, nprobe=1, pca_dim=8)
+    d_wide, d_narrow = wide.search(q, 100), narrow.search(q, 100)
+    assert np.all(d_wide <= d_narrow + 1e-5) and np.sum(d_wide < d_narrow - 1e-5) >= 10  # PCA path works too
 
 
 def test_float16_and_pq_indexes():

@@ -102,7 +102,9 @@ def fit(
     nlist: int = typer.Option(0, help="IVF cells (0 = 2 * sqrt(bank rows))."),
     knn_dim: int = typer.Option(0, help="Search the bank in its top-K principal components (0 = full dim; 64 = faster kNN, see RESULTS)."),
     knn_rerank: float = typer.Option(0.0, help="Approximate indexes: search each image's top fraction of patches "
-                                     "again exactly (keeps image scores exact at a small cost)."),
+                                     "again with a wider IVF probe (--rerank-nprobe): misses of a narrow probe "
+                                     "cannot make a normal image look defective."),
+    rerank_nprobe: int = typer.Option(8, help="IVF cells probed by the --knn-rerank pass."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -123,7 +125,8 @@ def fit(
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
                   smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
-                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep, knn_rerank=knn_rerank)
+                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep, knn_rerank=knn_rerank,
+                  knn_rerank_nprobe=rerank_nprobe)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)

@@ -48,6 +48,7 @@ class HyADSConfig:
     # Approximate indexes: search each image's top fraction of patches (largest approximate distance) again
     # exactly, so misses of the approximate search cannot make a normal image look defective.
     knn_rerank: float = 0.0
+    knn_rerank_nprobe: int = 8  # IVF cells probed in that second pass
     # Which detectors make maps (fused by grid-searched weights when more than one).
     detectors: list[str] = field(default_factory=lambda: ["patchcore"])
     # U-Net autoencoder.
@@ -167,6 +168,8 @@ class HyADSConfig:
                       "stride-4 map and replace the frozen patch features)")
         if not 0.0 <= self.knn_rerank <= 1.0:
             raise bad("knn_rerank", f"{self.knn_rerank} must be in [0, 1]")
+        if self.knn_rerank_nprobe < 1:
+            raise bad("knn_rerank_nprobe", "must be >= 1")
         if self.knn_dim < 0:
             raise bad("knn_dim", "must be >= 0")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1:

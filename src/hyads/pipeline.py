@@ -710,7 +710,8 @@ class HyADS:
 
 def _new_bank(c: HyADSConfig) -> MemoryBank:
     return MemoryBank(c.sampler, c.ratio, c.coreset_projection_dim, c.index, c.ivf_nlist, c.ivf_nprobe, c.seed,
-                      c.ivf_min_bank, c.bank_float16, c.knn_dim, c.coreset_keep, c.knn_rerank)
+                      c.ivf_min_bank, c.bank_float16, c.knn_dim, c.coreset_keep, c.knn_rerank,
+                      c.knn_rerank_nprobe)
 
 
 def _restore(config: HyADSConfig, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> HyADS:
