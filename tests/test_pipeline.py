@@ -76,6 +76,13 @@ def test_config_json_roundtrip():
     assert HyADSConfig.from_json(c.to_json()) == c
     with pytest.raises(HyADSError, match="unknown config fields"):
         HyADSConfig.from_dict({"nope": 1})
+    # A model file written before a field existed loads with the behaviour of its time, not today's default.
+    from hyads.config import LEGACY
+
+    old = {k: v for k, v in c.to_dict().items() if k not in LEGACY}
+    back = HyADSConfig.from_dict(old)
+    assert all(getattr(back, k) == v for k, v in LEGACY.items())
+    assert back.coreset_keep == 1.0 and back.knn_rerank == 0.0  # the bank searched as it was when saved
 
 
 def test_add_normal_grows_knowledge_and_recalibrates(synth_root):

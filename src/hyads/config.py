@@ -16,6 +16,12 @@ INDEXES = ("auto", "flat", "ivf", "ivfpq")
 SEG_LOSSES = ("ce_dice", "lovasz")
 
 
+# Values of fields added after models were first saved that reproduce the earlier behaviour; a model file
+# without the field loads with these (HyADSConfig.from_dict), whatever the field's default is now.
+LEGACY: dict[str, Any] = {"coreset_keep": 1.0, "knn_rerank": 0.0, "knn_rerank_nprobe": 8, "seg_refine_width": 24,
+                          "seg_refine_features": 0, "seg_refine_lr": 0.0}
+
+
 @dataclass
 class HyADSConfig:
     """Hyper-parameters of a HyADS model.
@@ -182,11 +188,13 @@ class HyADSConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HyADSConfig":
+        """A config read back from a model file. A field the file lacks (written before the field existed)
+        takes the value that reproduces the behaviour of that time (LEGACY), not today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise HyADSError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{**{k: v for k, v in LEGACY.items() if k not in data}, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
