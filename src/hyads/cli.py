@@ -17,11 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import ACCURATE_BANK, HyADSConfig
 from .errors import HyADSError
 from .utils import clean_json, write_text_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hyads: visual defect detection from normal images.")
 console = Console(stderr=True)
+_D = HyADSConfig()  # option defaults that are config defaults come from here, so the two cannot drift
 DEFAULT_DEMO_DATA = Path("..") / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
@@ -85,26 +87,30 @@ def fit(
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
     sampler: str = typer.Option("reservoir", help="Memory-bank sampler: reservoir | coreset."),
     ratio: float = typer.Option(0.1, help="Fraction of normal patches kept in the bank."),
-    coreset_keep: float = typer.Option(1.0, help="Reservoir sampler: search a greedy coreset of this fraction of "
-                                       "the reservoir (1 = all of it; smaller = faster kNN)."),
+    coreset_keep: Optional[float] = typer.Option(None, help="Reservoir sampler: search a greedy coreset of this "
+                                                 f"fraction of the reservoir (default {_D.coreset_keep}; 1 = all of it)."),
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 | resnet18."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weight file (required for resnet18)."),
     image_size: int = typer.Option(256, help="Model resolution (multiple of 32)."),
-    index: str = typer.Option("auto", help="Nearest-neighbour index: auto (IVF above 10k bank rows) | flat (exact) | ivf | ivfpq."),
+    index: str = typer.Option("auto", help=f"Nearest-neighbour index: auto (IVF from {_D.ivf_min_bank} bank rows) | flat (exact) | ivf | ivfpq."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
     test_fraction: float = typer.Option(0.2, help="For class-folder datasets: share of normal images held out for testing."),
     float16: bool = typer.Option(False, "--float16", help="Store the memory bank as float16 (half the memory)."),
     detectors: str = typer.Option("patchcore", help="Comma-separated subset of texture,ae,patchcore (fused)."),
     ae_epochs: int = typer.Option(30, help="Autoencoder epochs (when 'ae' is among the detectors)."),
-    smooth_at_grid: bool = typer.Option(False, "--smooth-at-grid", help="Smooth maps on the patch grid, then upsample (faster post-processing)."),
+    smooth_at_grid: Optional[bool] = typer.Option(None, "--smooth-at-grid/--no-smooth-at-grid", help="Smooth maps on the "
+                                                  f"patch grid, then upsample (default {_D.smooth_at_grid}; cheaper)."),
     projection_dim: int = typer.Option(0, help="Random projection of patch features to this many dims (0 = off; faster kNN)."),
-    nprobe: int = typer.Option(4, help="IVF cells searched per query (1 = fastest; measured in RESULTS)."),
+    nprobe: Optional[int] = typer.Option(None, help=f"IVF cells searched per query (default {_D.ivf_nprobe})."),
     nlist: int = typer.Option(0, help="IVF cells (0 = 2 * sqrt(bank rows))."),
-    knn_dim: int = typer.Option(0, help="Search the bank in its top-K principal components (0 = full dim; 64 = faster kNN, see RESULTS)."),
-    knn_rerank: float = typer.Option(0.0, help="Approximate indexes: search each image's top fraction of patches "
-                                     "again with a wider IVF probe (--rerank-nprobe): misses of a narrow probe "
-                                     "cannot make a normal image look defective."),
-    rerank_nprobe: int = typer.Option(8, help="IVF cells probed by the --knn-rerank pass."),
+    knn_dim: Optional[int] = typer.Option(None, help="Search the bank in its top-K principal components (0 = full "
+                                          f"dim; default {_D.knn_dim})."),
+    knn_rerank: Optional[float] = typer.Option(None, help="IVF: search each image's top fraction of patches again "
+                                               "with a wider probe (--rerank-nprobe), so misses of the narrow probe "
+                                               f"cannot make a normal image look defective (default {_D.knn_rerank})."),
+    rerank_nprobe: Optional[int] = typer.Option(None, help=f"IVF cells probed by the rerank pass (default {_D.knn_rerank_nprobe})."),
+    accurate: bool = typer.Option(False, "--accurate", help="The earlier, slower bank settings (whole reservoir, "
+                                  "nprobe 4, full-dim search, full-resolution smoothing); options given override it."),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose test split (with defects) calibrates the threshold by F1-max; "
         "default: a held-out share of the normal training images."),
@@ -121,12 +127,14 @@ def fit(
         if not val.test:
             raise HyADSError(f"{val_data}: has no labelled test images to calibrate on")
         val_images, val_labels = [s.path for s in val.test], [s.label for s in val.test]
+    bank = dict(ACCURATE_BANK) if accurate else {}
+    given = {"coreset_keep": coreset_keep, "smooth_at_grid": smooth_at_grid, "ivf_nprobe": nprobe,
+             "knn_dim": knn_dim, "knn_rerank": knn_rerank, "knn_rerank_nprobe": rerank_nprobe}
+    bank.update({k: v for k, v in given.items() if v is not None})
     model = HyADS(sampler=sampler, ratio=ratio, backbone=backbone, weights=str(weights) if weights else None,
                   image_size=image_size, index=index, seed=seed, bank_float16=float16,
                   detectors=[d.strip() for d in detectors.split(",") if d.strip()], ae_epochs=ae_epochs,
-                  smooth_at_grid=smooth_at_grid, projection_dim=projection_dim, ivf_nprobe=nprobe,
-                  ivf_nlist=nlist, knn_dim=knn_dim, coreset_keep=coreset_keep, knn_rerank=knn_rerank,
-                  knn_rerank_nprobe=rerank_nprobe)
+                  projection_dim=projection_dim, ivf_nlist=nlist, **bank)
     t0 = time.perf_counter()
     model.fit(ds.train, val_images, val_labels)
     model.fit_info_["dataset"] = str(ds.root)
@@ -452,7 +460,7 @@ def segment(
                   seg_bf16=bf16, seg_tune=tune, seg_lr=lr, seg_tune_lr=tune_lr, seg_patience=patience,
                   seg_flip_views=flip_views, seg_loss=loss, seg_refine=refine,
                   seg_refine_width=refine_width, seg_refine_features=refine_features, seg_refine_lr=refine_lr,
-                  seed=seed)
+                  seed=seed, **ACCURATE_BANK)  # the bank settings every NEU-Seg result was measured with
     run_segmentation(ds, out, model, max_train=max_train, init_head=init_head, input_cache=input_cache)
     console.print((out / "results.md").read_text(), markup=False)
 

@@ -43,8 +43,11 @@ def cache_key(config: Any, images: Sequence[Any], y: np.ndarray, val_images: Seq
               flips: Sequence[tuple[int, ...]]) -> str:
     """Hash of everything the head inputs depend on (see the module docstring)."""
     from . import __version__
+    from .config import LEGACY
 
-    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in HEAD_ONLY}
+    # A field at its legacy value behaves as before the field existed: leaving it out keeps older entries.
+    cfg = {k: v for k, v in dataclasses.asdict(config).items()
+           if k not in HEAD_ONLY and not (k in LEGACY and v == LEGACY[k])}
     h = hashlib.sha256(__version__.encode())
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps([list(f) for f in flips]).encode())

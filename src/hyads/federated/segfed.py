@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ACCURATE_BANK
 from ..data.datasets import load_segmentation_dataset
 from ..data.io import load_label_mask
 from ..pipeline import HyADS
@@ -75,7 +76,7 @@ def run_seg_federation(root: Path, n_clients: int, split: str, rounds: int, sett
     sites, data, test_inputs = [], [], []
     size = hyads.get("image_size", 224)
     for i, idx in enumerate(parts):
-        m = HyADS(**{**hyads, "seg_classes": ds.classes})
+        m = HyADS(**{**ACCURATE_BANK, **hyads, "seg_classes": ds.classes})  # as `hyads segment`
         m.progress = False
         y = np.stack([load_label_mask(train[j][1], size) for j in idx])
         flips = FLIPS[1:] if m.config.seg_flip_views else []
