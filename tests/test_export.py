@@ -107,7 +107,8 @@ def test_ae_and_segmentation_head_export_and_match_torch_on_real_images(bottle, 
     masks = [np.zeros((1, 1), np.uint8) if s.mask_path is None else (np.asarray(Image.open(s.mask_path)) > 0)
              .astype(np.uint8) for s in labelled]
     model = HyADS(image_size=128, detectors=["texture", "ae", "patchcore"], ae_epochs=1, seg_epochs=1,
-                  seg_fine_features=True, seg_context=1, seg_tune=True, seg_refine=True, seed=0)
+                  seg_fine_features=True, seg_context=1, seg_tune=True, seg_refine=True,
+                  seg_refine_features=8, seed=0)
     model.progress = False
     model.fit_segmentation([s.path for s in labelled], masks, ["defect"])
     assert model.seghead_.refiner is not None and model.seghead_.refiner.out.weight.abs().sum() > 0
