@@ -90,3 +90,21 @@ def test_demo_falls_back_to_synthetic_data(tmp_path):
     assert (tmp_path / "demo" / "report" / "index.html").exists()
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert metrics["image_auroc"] > 0.9
+
+
+def test_fit_accurate_restores_the_earlier_bank_settings_and_options_override_it(synth_root, tmp_path):
+    from hyads import load_model
+    from hyads.config import ACCURATE_BANK, HyADSConfig
+
+    default = load_model(_fit_ok(synth_root, tmp_path / "d")).config
+    accurate = load_model(_fit_ok(synth_root, tmp_path / "a", "--accurate", "--nprobe", "2")).config
+    for k, v in ACCURATE_BANK.items():
+        assert getattr(default, k) == getattr(HyADSConfig(), k)
+        assert getattr(accurate, k) == (2 if k == "ivf_nprobe" else v)
+    assert accurate.ivf_nprobe == 2 and default.ivf_nprobe != 4 and default.knn_dim == 64
+
+
+def _fit_ok(data, out, *extra):
+    r = run("fit", data, "--out", out, "--image-size", "128", *extra)
+    assert r.exit_code == 0, r.output
+    return out
