@@ -131,12 +131,12 @@ class NearestNeighbourIndex:
     Reported distances are those in the projected space (a lower bound of the full ones).
 
     rerank > 0 (IVF kinds only): each image's `rerank` fraction of patches with the largest distance is
-    searched again probing `rerank_nprobe` cells. Why: IVF can only overestimate a distance (it misses the
-    nearest row, never invents a nearer one), and the errors that matter are in the upper tail - the image
-    score is the map's maximum, and a normal patch whose neighbour sat in an unprobed cell looks like a
+    searched again probing `rerank_nprobe` cells. Why: IVF-Flat can only overestimate a distance (it misses
+    the nearest row, never invents a nearer one), and the errors that matter are in the upper tail - the
+    image score is the map's maximum, and a normal patch whose neighbour sat in an unprobed cell looks like a
     defect (magnetic tile: image AUROC 0.83 -> 0.79 with nprobe 1, RESULTS.md). A wide probe for a few
     percent of the queries costs a fraction of the narrow probe for all of them; an exact (flat) second pass
-    measured ~1 ms per image on bottle, as much as the whole IVF search, so it is not used.
+    took about as long as the whole IVF search on bottle, so it is not used.
     """
 
     def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 8, seed: int = 0,
