@@ -46,7 +46,7 @@ class HyADSConfig:
     sampler: str = "reservoir"
     ratio: float = 0.1
     # Reservoir sampler: search a greedy coreset of this fraction of the reservoir (1 = the whole reservoir).
-    # 0.25: bottle accuracy unchanged, a 4x smaller bank to search (RESULTS.md, "Default configuration").
+    # 0.25: bottle accuracy unchanged, a 4x smaller bank to search (RESULTS.md, "New defaults").
     coreset_keep: float = 0.25
     coreset_projection_dim: int = 64  # 64 vs 128: half the selection time, same bottle AUROC (RESULTS.md)
     # "auto": exact search below ivf_min_bank rows, IVF-Flat above (measured: same AUROC on bottle, ~9x faster;
@@ -59,8 +59,8 @@ class HyADSConfig:
     bank_float16: bool = False
     # Search in the bank's top-k principal components (0 = full dimension): a cheaper kNN stage.
     knn_dim: int = 64
-    # Approximate indexes: search each image's top fraction of patches (largest approximate distance) again
-    # exactly, so misses of the approximate search cannot make a normal image look defective.
+    # IVF: search each image's top fraction of patches (largest distance) again with a wider probe, so misses
+    # of the narrow probe cannot make a normal image look defective.
     knn_rerank: float = 0.05
     knn_rerank_nprobe: int = 8  # IVF cells probed in that second pass
     # Which detectors make maps (fused by grid-searched weights when more than one).

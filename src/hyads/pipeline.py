@@ -7,8 +7,8 @@ in attributes ending in `_`. Higher scores mean more anomalous (the PyOD convent
 from __future__ import annotations
 
 import copy
-import sys
 import datetime as _dt
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path

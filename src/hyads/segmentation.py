@@ -162,9 +162,9 @@ class SegHead(nn.Module):
             if self.grid_context is not None:
                 g = self.grid_context(g)
             parts.append(F.interpolate(g, size=low.shape[-2:], mode="bilinear", align_corners=False))
-        feats = self.body(torch.cat(parts, 1))
-        logits = self.classifier(feats)
-        return logits if packed is None else self.refiner(logits, packed, feats)
+        body = self.body(torch.cat(parts, 1))
+        logits = self.classifier(body)
+        return logits if packed is None else self.refiner(logits, packed, body)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
