@@ -173,8 +173,11 @@ class HyADSConfig:
             raise bad("seg_loss", f"must be one of {', '.join(SEG_LOSSES)}")
         if self.seg_patience < 1:
             raise bad("seg_patience", "must be >= 1")
-        if self.seg_refine_width < 1 or self.seg_refine_features < 0 or self.seg_refine_lr < 0:
-            raise bad("seg_refine_width", "seg_refine_width must be >= 1, seg_refine_features and seg_refine_lr >= 0")
+        if self.seg_refine_width < 1:
+            raise bad("seg_refine_width", "must be >= 1")
+        for name in ("seg_refine_features", "seg_refine_lr"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
         if self.seg_lr <= 0 or self.seg_tune_lr <= 0:
             raise bad("seg_lr" if self.seg_lr <= 0 else "seg_tune_lr", "must be > 0")
         if self.seg_tune and not (self.seg_features and self.seg_fine_features):
