@@ -124,3 +124,22 @@ def test_bottle_layout(bottle):
     ds = load_dataset(bottle)
     assert ds.layout == "mvtec" and len(ds.train) == 209 and len(ds.test) == 83
     assert sum(s.label for s in ds.test) == 63 and ds.has_masks
+
+
+def test_rgb_batch_decodes_in_parallel_exactly_and_names_a_bad_file(tmp_path):
+    from hyads.pipeline import rgb_batch
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        arr = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    batch = rgb_batch(paths, 32)
+    assert batch.shape == (5, 32, 32, 3) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, np.stack([load_image(p, 32) for p in paths]))
+    # Unresized pixels are exactly the 8-bit levels / 255 (rounded once, from float64).
+    np.testing.assert_array_equal(load_image(paths[0]), (np.asarray(Image.open(paths[0])) / 255.0).astype(np.float32))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="bad.png"):
+        rgb_batch(paths[:3] + [tmp_path / "bad.png"], 32)

@@ -5,6 +5,7 @@ import pytest
 from scipy import stats
 
 from hyads.detectors.patchcore import MemoryBank, NearestNeighbourIndex, Reservoir, greedy_coreset
+from hyads.errors import HyADSError
 
 
 def test_reservoir_is_uniform_over_the_stream():
@@ -192,3 +193,45 @@ def test_pca_search_keeps_the_neighbours_of_low_rank_features():
     assert NearestNeighbourIndex(bank, "flat", pca_dim=2).search(q).mean() < 0.5 * exact.mean()  # too few dims
     with pytest.warns(RuntimeWarning, match="knn_dim 64 is not below"):
         assert NearestNeighbourIndex(bank, "flat", pca_dim=64).kind == "flat"
+
+
+@pytest.mark.parametrize("nprobe,pca_dim,rerank", [(1, 0, 0.0), (4, 0, 0.0), (1, 8, 0.1), (2, 8, 0.05)])
+def test_scan_engine_gives_faiss_distances(nprobe, pca_dim, rerank):
+    # The scan engine re-implements only the search; cells and rows are faiss's, so distances must agree.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 16)).astype(np.float32) * 4
+    bank = (centres[rng.integers(0, 40, 8000)] + rng.normal(size=(8000, 16))).astype(np.float32)
+    q = (centres[rng.integers(0, 40, 600)] + 1.5 * rng.normal(size=(600, 16))).astype(np.float32)
+    args = dict(kind="ivf", nlist=100, nprobe=nprobe, pca_dim=pca_dim, rerank=rerank, rerank_nprobe=12)
+    scan, ref = NearestNeighbourIndex(bank, **args), NearestNeighbourIndex(bank, **args, engine="faiss")
+    assert (scan.engine, ref.engine) == ("scan", "faiss")
+    d_scan, d_ref = scan.search(q, group=200), ref.search(q, group=200)
+    assert np.mean(np.isclose(d_scan, d_ref, rtol=1e-4, atol=1e-4)) > 0.995  # centroid near-ties may differ
+    np.testing.assert_allclose(np.sort(d_scan), np.sort(d_ref), rtol=1e-3, atol=1e-3)
+    exact = NearestNeighbourIndex(bank, "flat", pca_dim=pca_dim).search(q)
+    assert np.all(d_scan >= exact - 1e-4)  # never nearer than the true nearest row
+    assert scan.search(q[:0]).shape == (0,)
+
+
+def test_scan_engine_applies_only_to_fp32_ivf():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(4000, 16)).astype(np.float32)
+    assert NearestNeighbourIndex(bank, "flat").engine == "faiss"
+    assert NearestNeighbourIndex(bank, "ivf", nlist=32, float16=True).engine == "faiss"
+    assert NearestNeighbourIndex(bank, "ivfpq", nlist=32).engine == "faiss"
+    with pytest.raises(HyADSError, match="needs an fp32 IVF-Flat"):
+        NearestNeighbourIndex(bank, "flat", engine="scan")
+    with pytest.raises(HyADSError, match="engine must be"):
+        NearestNeighbourIndex(bank, "ivf", engine="numba")
+    mb = MemoryBank(ratio=1.0, index="ivf", ivf_nprobe=1)
+    mb.start(len(bank), 16)
+    mb.partial_fit(bank)
+    mb.finish()
+    q = rng.normal(size=(50, 16)).astype(np.float32)
+    assert mb.index.engine == "scan"
+    d_scan = mb.distances(q)
+    mb.use_engine("faiss")
+    assert mb.index.engine == "faiss"
+    np.testing.assert_allclose(mb.distances(q), d_scan, rtol=1e-4, atol=1e-4)
+    with pytest.raises(HyADSError, match="engine must be"):
+        mb.use_engine("gpu")

@@ -20,7 +20,7 @@ from .data.datasets import load_dataset
 from .errors import DatasetError
 from .evaluation import evaluate_maps, gt_masks
 from .fusion import fuse, search_weights
-from .pipeline import HyADS, _to_rgb
+from .pipeline import HyADS, rgb_batch
 from .report.html import fmt
 from .utils import clean_json
 from .thresholds import calibrate
@@ -44,7 +44,7 @@ def run_ablation(data: Path, out: Path, seed: int = 0, log: Callable[[str], None
     search_maps, search_labels, search_masks, normal_maps = model._fusion_search
     size = cfg.image_size
     gts = gt_masks(ds.test, size)
-    rgb_batches = [np.stack([_to_rgb(s.path, size) for s in ds.test[i : i + cfg.batch_size]])
+    rgb_batches = [rgb_batch([s.path for s in ds.test[i : i + cfg.batch_size]], size)
                    for i in range(0, len(ds.test), cfg.batch_size)]
     test_maps: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}

@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .features import texture as tex
-from .pipeline import HyADS, _to_rgb
+from .pipeline import HyADS, rgb_batch
 from .segmentation import labels_from_probs, predict_probs
 
 
@@ -83,7 +83,7 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
     def one_pass(record: bool) -> None:
         for b in batches:
             t = {"start": time.perf_counter()}
-            rgb = np.stack([_to_rgb(im, size) for im in b])
+            rgb = rgb_batch(b, size)
             t["decode"] = time.perf_counter()
             maps: dict[str, np.ndarray] = {}
             if "patchcore" in dets:
@@ -138,7 +138,7 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
 
     # The whole pipeline as a user calls it (anomaly_map on paths), and the bare feature extractor alone.
     pipeline_s = _median_time(lambda: [model.anomaly_map(b) for b in batches], reps)
-    rgb_batches = [np.stack([_to_rgb(im, size) for im in b]) for b in batches]
+    rgb_batches = [rgb_batch(b, size) for b in batches]
     bare_s = _median_time(lambda: [model._patches(r) for r in rgb_batches], reps)
     if model.runtime is None:
         with torch.inference_mode():
@@ -171,6 +171,7 @@ def run_bench(model: HyADS, images: Sequence[Any], batch: int = 1, reps: int = 5
                                                          if k not in ("backbone", "aggregation")),
         "bank_rows": int(bank_rows),
         "index": model.bank_.index.kind,
+        "knn_engine": model.bank_.index.engine,
         "feature_gflop_per_image": flops_features / 1e9,
         "knn_exact_gflop_per_image": flops_knn_exact / 1e9,
         "machine_matmul_gflops": gflops,

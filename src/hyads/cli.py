@@ -338,12 +338,16 @@ def bench(
     n_images: int = typer.Option(32, help="Images per repetition."),
     reps: int = typer.Option(5, help="Repetitions (median reported), after one warm-up."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the figures as JSON."),
+    knn_engine: str = typer.Option("auto", help="Who searches an IVF bank: auto | scan (hyads's list scan) | "
+                                               "faiss - to compare them."),
 ) -> None:
     """Per-stage speed: img/s, latency p50/p95, stage breakdown, bare backbone, GFLOP/s utilisation, peak RSS."""
     from .bench import run_bench
     from .data.datasets import list_images, load_dataset
 
     model = _load(model_path, runtime, onnx_dir, threads)
+    if "patchcore" in model.detectors:
+        model.bank_.use_engine(knn_engine)
     source = images or model.fit_info_.get("dataset")
     if not source:
         raise HyADSError("pass --images DIR")

@@ -32,6 +32,7 @@ from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
 from .segmentation import FLIPS, FlipView, pack_views, unpack_views
 from .thresholds import Calibration, calibrate
+from .utils import thread_map
 
 if TYPE_CHECKING:
     from .segmentation import SegHead
@@ -49,14 +50,20 @@ def _to_rgb(img: ImageLike, size: int) -> np.ndarray:
         raise HyADSError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {arr.shape}")
     arr = arr[..., :3]
     if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
+        arr = arr.astype(np.float32) / np.float32(255.0)  # float32 divisor: fast path (data/io.py)
     elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / 65535.0
+        arr = arr.astype(np.float32) / np.float32(65535.0)
     else:
         arr = arr.astype(np.float32)
         if arr.size and (arr.min() < 0 or arr.max() > 1):
             raise HyADSError("float image arrays must lie in [0, 1]")
     return resize_rgb(arr, size)
+
+
+def rgb_batch(images: Sequence[ImageLike], size: int) -> np.ndarray:
+    """Decode (B, size, size, 3) float RGB in parallel threads: PIL's decoders release the GIL, and decoding
+    was the largest stage after the backbone with an INT8 extractor (docs/RESULTS.md)."""
+    return np.stack(thread_map(lambda im: _to_rgb(im, size), images))
 
 
 def _to_mask(m: Any, size: int) -> np.ndarray:
@@ -139,7 +146,7 @@ class HyADS:
         bs = self.config.batch_size
         show = self.progress and len(images) > bs
         for s in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not show, leave=False):
-            rgb = np.stack([_to_rgb(im, self.config.image_size) for im in images[s : s + bs]])
+            rgb = rgb_batch(images[s : s + bs], self.config.image_size)
             yield np.ascontiguousarray(np.flip(rgb, flip)) if flip else rgb
 
     def _batches_at(self, images: Sequence[ImageLike], desc: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -282,7 +289,7 @@ class HyADS:
         self.fusion_info_: dict[str, Any] = {}
         if len(dets) > 1 and val_images:
             labels = np.asarray(val_labels if val_labels is not None else [0] * len(val_images))
-            val_rgb = np.stack([_to_rgb(im, c.image_size) for im in val_images])
+            val_rgb = rgb_batch(val_images, c.image_size)
             if mval is not None:  # real masks: statistics from normal pixels, search on the real defects
                 all_maps = self._detector_maps_all(val_rgb)
                 normal_maps = {d: m[~mval] for d, m in all_maps.items()}
@@ -380,8 +387,8 @@ class HyADS:
         c = self.config
         torch.manual_seed(c.seed)
         self.ae_ = UNetAE(skips=c.ae_skips)
-        x = np.stack([_to_rgb(im, c.image_size) for im in train])
-        xv = np.stack([_to_rgb(im, c.image_size) for im in val]) if len(val) else None
+        x = rgb_batch(train, c.image_size)
+        xv = rgb_batch(val, c.image_size) if len(val) else None
         trainer = AETrainer(epochs=c.ae_epochs, lr=c.ae_lr, batch_size=c.batch_size, crop=c.ae_crop,
                             input_noise=c.ae_noise, patience=c.ae_patience, seed=c.seed, progress=self.progress,
                             max_images=c.ae_max_images)

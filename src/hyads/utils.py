@@ -35,3 +35,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def thread_map(fn: Any, items: Any, threads: int | None = None) -> list[Any]:
+    """[fn(x) for x in items], in up to `threads` threads (default: torch's thread count, which `--threads`
+    sets). Only worth it for work that releases the GIL: PIL's decoders, scikit-image's LBP and HOG kernels."""
+    items = list(items)
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    threads = max(1, min(int(threads), len(items)))
+    if threads == 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import HyADSError
+from .ivf_scan import IVFScan, top_rows
 
 
 class Reservoir:
@@ -137,13 +138,19 @@ class NearestNeighbourIndex:
     defect (magnetic tile: image AUROC 0.83 -> 0.79 with nprobe 1, RESULTS.md). A wide probe for a few
     percent of the queries costs a fraction of the narrow probe for all of them; an exact (flat) second pass
     took about as long as the whole IVF search on bottle, so it is not used.
+
+    engine: who searches an IVF-Flat (fp32) index. "scan" = `ivf_scan.IVFScan` (torch GEMMs + a numba list
+    scan over faiss's own cells: same distances without faiss's per-query overhead, which dominated the kNN
+    stage), "faiss" = faiss's search, "auto" = scan where it applies (ivf, not fp16), else faiss.
     """
 
     def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 8, seed: int = 0,
                  min_ivf: int = 10_000, float16: bool = False, pca_dim: int = 0, rerank: float = 0.0,
-                 rerank_nprobe: int = 8):
+                 rerank_nprobe: int = 8, engine: str = "auto"):
         if not 0.0 <= rerank <= 1.0:
             raise HyADSError(f"knn rerank fraction {rerank} must be in [0, 1]")
+        if engine not in ("auto", "scan", "faiss"):
+            raise HyADSError(f"knn engine must be auto, scan or faiss, got {engine!r}")
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         pca = None
         if pca_dim >= min(bank.shape):
@@ -176,8 +183,10 @@ class NearestNeighbourIndex:
             index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if float16 else faiss.IndexFlatL2(d)
         index.add(bank)
         self.wide = None  # search parameters of the rerank pass (IVF kinds only)
+        self.wide_nprobe = 0
         if rerank > 0 and kind != "flat" and rerank_nprobe > index.nprobe:
-            self.wide = faiss.SearchParametersIVF(nprobe=min(rerank_nprobe, nlist))
+            self.wide_nprobe = min(rerank_nprobe, nlist)
+            self.wide = faiss.SearchParametersIVF(nprobe=self.wide_nprobe)
             if pca is not None:
                 inner, self.wide = self.wide, faiss.SearchParametersPreTransform()
                 self.wide.index_params = inner
@@ -187,22 +196,28 @@ class NearestNeighbourIndex:
         self.index = index
         self.rerank = rerank
         self.kind = kind + ("-fp16" if float16 and kind != "ivfpq" else "") + (f"-pca{d}" if pca is not None else "")
+        self.scan: IVFScan | None = None
+        if engine == "scan" and (kind != "ivf" or float16):
+            raise HyADSError(f"knn engine 'scan' needs an fp32 IVF-Flat index, this one is {self.kind}")
+        if engine != "faiss" and kind == "ivf" and not float16:
+            self.scan = IVFScan(index, nprobe)
+        self.engine = "scan" if self.scan is not None else "faiss"
 
     def search(self, q: np.ndarray, group: int = 0) -> np.ndarray:
         """Distance (L2, not squared) of each query row to its nearest bank row. `group`: queries per image
         (consecutive rows), the unit the rerank fraction applies to (0 = all queries are one image), so an
         image's distances do not depend on what else is in the batch."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        dist, _ = self.index.search(q, 1)
-        dist = dist[:, 0]
+        if self.scan is not None and len(q):
+            dist, ctx = self.scan.narrow(q)
+        else:
+            dist = self.index.search(q, 1)[0][:, 0]
         if self.wide is not None and len(q):
-            g = group if group and len(q) % group == 0 else len(q)
-            k = max(1, math.ceil(self.rerank * g))
-            per = dist.reshape(-1, g)
-            top = np.argpartition(-per, k - 1, axis=1)[:, :k] if k < g else np.tile(np.arange(g), (len(per), 1))
-            rows = (top + g * np.arange(len(per))[:, None]).ravel()
-            wide, _ = self.index.search(np.ascontiguousarray(q[rows]), 1, params=self.wide)
-            dist[rows] = wide[:, 0]
+            rows = top_rows(dist, group, self.rerank)
+            if self.scan is not None:
+                dist[rows] = self.scan.wide(ctx, rows, self.wide_nprobe)
+            else:
+                dist[rows] = self.index.search(np.ascontiguousarray(q[rows]), 1, params=self.wide)[0][:, 0]
         return np.sqrt(np.maximum(dist, 0.0))
 
     def memory_bytes(self) -> int:
@@ -260,6 +275,7 @@ class MemoryBank:
         self.n_seen_ = 0
         self._index: NearestNeighbourIndex | None = None
         self._pending: list[np.ndarray] = []
+        self.knn_engine = "auto"  # a run-time choice, not saved (see NearestNeighbourIndex)
 
     # -- building ---------------------------------------------------------------------------------------
     def start(self, total_patches: int, dim: int) -> None:
@@ -324,8 +340,15 @@ class MemoryBank:
         if self._index is None:
             self._index = NearestNeighbourIndex(self.bank_, self.index_kind, self.ivf_nlist, self.ivf_nprobe,
                                                 self.seed, self.ivf_min_bank, self.float16, self.pca_dim,
-                                                self.rerank, self.rerank_nprobe)
+                                                self.rerank, self.rerank_nprobe, self.knn_engine)
         return self._index
+
+    def use_engine(self, engine: str) -> None:
+        """Choose who searches an IVF index (NearestNeighbourIndex `engine`); the index is built at once so a
+        bad choice fails here."""
+        self.knn_engine = engine
+        self._index = None
+        self.index  # noqa: B018 - built for its validation
 
     def distances(self, patches: np.ndarray, group: int = 0) -> np.ndarray:
         """Nearest-bank-row distance of each patch; `group` = patches per image (see NearestNeighbourIndex)."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.feature import hog, local_binary_pattern
 
+from ..utils import thread_map
+
 CELL = 8
 LBP_BINS = 10  # uniform LBP with P=8 has P + 2 codes
 HOG_DIM = 36
@@ -46,22 +48,10 @@ def batch_descriptors(rgb: np.ndarray, neighbourhood: int = 3, threads: int | No
     scikit-image's LBP and HOG kernels release the GIL, and they are single-threaded per image."""
     from scipy.ndimage import uniform_filter
 
-    if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
-    threads = max(1, min(int(threads), len(rgb)))
-
     def describe(x: np.ndarray) -> np.ndarray:
         return texture_descriptors(to_gray(x))
 
-    if threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            out = np.stack(list(pool.map(describe, rgb)))
-    else:
-        out = np.stack(list(map(describe, rgb)))
+    out = np.stack(thread_map(describe, rgb, threads))
     if neighbourhood > 1:
         out = uniform_filter(out, size=(1, neighbourhood, neighbourhood, 1), mode="nearest")
     return out
