@@ -223,6 +223,13 @@ def test_scan_engine_applies_only_to_fp32_ivf():
         NearestNeighbourIndex(bank, "flat", engine="scan")
     with pytest.raises(HyADSError, match="engine must be"):
         NearestNeighbourIndex(bank, "ivf", engine="numba")
+    # auto: the scan only where each query's work is small; big cells stay with faiss's threaded SIMD scan
+    assert NearestNeighbourIndex(bank, "ivf", nlist=32, nprobe=1).engine == "scan"  # 1 x 125 rows x 16 dims
+    assert NearestNeighbourIndex(bank, "ivf", nlist=32, nprobe=8).engine == "faiss"  # 8 x 125 x 16
+    # the scan holds the rows once (without faiss's row ids): faiss's copy is freed
+    scan, ref = (NearestNeighbourIndex(bank, "ivf", nlist=32, nprobe=1, engine=e) for e in ("scan", "faiss"))
+    assert scan.index.ntotal == 0 and ref.index.ntotal == len(bank)
+    assert bank.nbytes < scan.memory_bytes() < ref.memory_bytes()
     mb = MemoryBank(ratio=1.0, index="ivf", ivf_nprobe=1)
     mb.start(len(bank), 16)
     mb.partial_fit(bank)

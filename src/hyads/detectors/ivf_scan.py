@@ -93,6 +93,19 @@ class IVFScan:
                 self.rows[self.offsets[c] : self.offsets[c + 1]] = np.frombuffer(codes, np.float32).reshape(-1, d)
         self.nlist, self.nprobe = index.nlist, min(nprobe, index.nlist)
 
+    @staticmethod
+    def take_rows_from(index: faiss.Index) -> Any:
+        """Free faiss's copy of the rows (the scan has its own): the index keeps its PCA and cells but gets
+        empty lists, so faiss can no longer search it. Returns the empty lists, which the caller must keep
+        alive as long as the index (faiss holds a plain pointer to them)."""
+        ivf = faiss.extract_index_ivf(index)
+        empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(empty, False)  # deletes the old lists (the index owned them)
+        ivf.ntotal = 0
+        if isinstance(index, faiss.IndexPreTransform):
+            index.ntotal = 0
+        return empty
+
     def _cells(self, cd: np.ndarray, nprobe: int) -> np.ndarray:
         nprobe = min(nprobe, self.nlist)
         if nprobe == 1:

@@ -141,8 +141,12 @@ class NearestNeighbourIndex:
 
     engine: who searches an IVF-Flat (fp32) index. "scan" = `ivf_scan.IVFScan` (torch GEMMs + a numba list
     scan over faiss's own cells: same distances without faiss's per-query overhead, which dominated the kNN
-    stage), "faiss" = faiss's search, "auto" = scan where it applies (ivf, not fp16), else faiss.
+    stage), "faiss" = faiss's search, "auto" = scan where it applies (ivf, not fp16) and each query's scan is
+    small (nprobe x mean cell rows x dims <= SCAN_MAX_WORK), else faiss: on big cells faiss's SIMD scan on
+    all threads wins (measured in RESULTS.md). With the scan, faiss's copy of the rows is freed.
     """
+
+    SCAN_MAX_WORK = 8192
 
     def __init__(self, bank: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 8, seed: int = 0,
                  min_ivf: int = 10_000, float16: bool = False, pca_dim: int = 0, rerank: float = 0.0,
@@ -199,8 +203,10 @@ class NearestNeighbourIndex:
         self.scan: IVFScan | None = None
         if engine == "scan" and (kind != "ivf" or float16):
             raise HyADSError(f"knn engine 'scan' needs an fp32 IVF-Flat index, this one is {self.kind}")
-        if engine != "faiss" and kind == "ivf" and not float16:
+        work = nprobe * len(bank) / max(1, nlist) * d
+        if engine == "scan" or (engine == "auto" and kind == "ivf" and not float16 and work <= self.SCAN_MAX_WORK):
             self.scan = IVFScan(index, nprobe)
+            self._placeholder = self.scan.take_rows_from(index)  # keep alive: faiss now points at it
         self.engine = "scan" if self.scan is not None else "faiss"
 
     def search(self, q: np.ndarray, group: int = 0) -> np.ndarray:
@@ -221,8 +227,10 @@ class NearestNeighbourIndex:
         return np.sqrt(np.maximum(dist, 0.0))
 
     def memory_bytes(self) -> int:
-        """Size of the serialised index: what it holds in memory, give or take small overheads."""
-        return int(faiss.serialize_index(self.index).nbytes)
+        """Size of the serialised index (plus the scan's rows): what it holds in memory, give or take small
+        overheads."""
+        extra = self.scan.rows.nbytes + self.scan.offsets.nbytes if self.scan is not None else 0
+        return int(faiss.serialize_index(self.index).nbytes) + extra
 
 
 class MemoryBank:
