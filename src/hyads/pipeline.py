@@ -32,6 +32,7 @@ from .features.backbones import BackboneTail, build_backbone
 from .features.patches import PatchEmbedder
 from .segmentation import FLIPS, FlipView, pack_views, unpack_views
 from .thresholds import Calibration, calibrate
+from .kernels import upsample_bilinear
 from .utils import thread_map
 
 if TYPE_CHECKING:
@@ -194,7 +195,8 @@ class HyADS:
         """(B, 1, h, w) patch distances -> (B, S, S) maps: bilinear upsampling then Gaussian smoothing.
 
         With `smooth_at_grid` the Gaussian runs on the patch grid (sigma divided by the grid stride) before
-        upsampling: blur and linear interpolation nearly commute, and the grid has 64x fewer pixels.
+        upsampling: blur and linear interpolation nearly commute, and the grid has 64x fewer pixels. The
+        upsampling is torch's bilinear as a single-threaded loop (kernels.py: no spinning thread pool).
         """
         size = self.config.image_size
         if self.config.smooth_at_grid:
@@ -202,10 +204,8 @@ class HyADS:
             if sigma > 0:
                 dist = ndimage.gaussian_filter(dist.astype(np.float32), sigma=(0, 0, sigma, sigma), mode="nearest",
                                                truncate=4.0)
-            return F.interpolate(torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)), size=(size, size),
-                                 mode="bilinear", align_corners=False)[:, 0].numpy()
-        up = F.interpolate(torch.from_numpy(dist.astype(np.float32)), size=(size, size), mode="bilinear",
-                           align_corners=False)[:, 0].numpy()
+            return upsample_bilinear(dist[:, 0], size)
+        up = upsample_bilinear(dist[:, 0], size)
         sigma = self.config.smoothing_sigma
         if sigma > 0:
             up = np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in up])

@@ -4,8 +4,9 @@ Why not faiss at query time: an image is 1,024 queries, and faiss's IVF search s
 work on each (scanner set-up, heaps, OpenMP scheduling) while the arithmetic of scanning one ~40-row cell in
 64 dims is ~0.1 microsecond; with an INT8 feature extractor that overhead alone put the kNN stage above 20 % of
 an image's time (docs/RESULTS.md). Here the two matrix products (PCA projection, distances to the cell
-centroids) run as single torch GEMMs and the list scan is a small numba loop, single-threaded so it adds no
-third thread pool beside torch's and ONNX Runtime's.
+centroids) run as one small ONNX Runtime graph built in memory (its threads sleep when idle; torch's OpenMP
+threads spin and slowed the next batch's decoding), and the list scan is a single-threaded numba loop
+(`kernels.ivf_scan`).
 
 faiss still builds the index (PCA, k-means cells, inverted lists); `IVFScan` only reads them, so the cells,
 the rows in each cell and therefore the distances are faiss's own (tests compare the two engines).
@@ -20,42 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-
-def _compile_scan() -> Any:
-    import numba
-
-    def scan(z: np.ndarray, cells: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        # Squared L2 distance of each query to the nearest row of the cells listed for it.
-        nq, d = z.shape
-        out = np.empty(nq, np.float32)
-        for i in range(nq):
-            best = np.float32(np.inf)
-            for p in range(cells.shape[1]):
-                c = cells[i, p]
-                for r in range(offsets[c], offsets[c + 1]):
-                    s = np.float32(0.0)
-                    for j in range(d):
-                        t = z[i, j] - rows[r, j]
-                        s += t * t
-                    if s < best:
-                        best = s
-            out[i] = best
-        return out
-
-    try:  # cache the machine code beside the module (or in numba's user cache) so later processes skip the JIT
-        return numba.njit(cache=True, fastmath=True, nogil=True)(scan)
-    except RuntimeError:  # no writable cache location: compile per process (~0.5 s)
-        return numba.njit(fastmath=True, nogil=True)(scan)
-
-
-_SCAN: Any = None
-
-
-def _scan(*args: np.ndarray) -> np.ndarray:
-    global _SCAN
-    if _SCAN is None:
-        _SCAN = _compile_scan()
-    return _SCAN(*args)
+from ..kernels import ivf_scan
 
 
 class IVFScan:
@@ -75,14 +41,15 @@ class IVFScan:
         if not isinstance(index, faiss.IndexIVFFlat):
             raise ValueError(f"IVFScan needs an IndexIVFFlat, got {type(index).__name__}")
         d = index.d
-        self.proj: tuple[torch.Tensor, torch.Tensor] | None = None
+        proj = None
         if pca is not None:
             a = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
             b = faiss.vector_to_array(pca.b) if pca.have_bias else np.zeros(pca.d_out, np.float32)
-            self.proj = (torch.from_numpy(np.ascontiguousarray(a.T, np.float32)), torch.from_numpy(b.astype(np.float32)))
+            proj = (np.ascontiguousarray(a.T, np.float32), b.astype(np.float32))
         cent = index.quantizer.reconstruct_n(0, index.nlist)
-        self.cent_t = torch.from_numpy(np.ascontiguousarray(cent.T))
-        self.cent_sq = torch.from_numpy((cent.astype(np.float64) ** 2).sum(1).astype(np.float32))
+        self.d_in = proj[0].shape[0] if proj is not None else d
+        self.session = _gemm_session(proj, np.ascontiguousarray(cent.T, np.float32),
+                                     (cent.astype(np.float64) ** 2).sum(1).astype(np.float32))
         inv = index.invlists
         sizes = np.array([inv.list_size(c) for c in range(index.nlist)], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -112,19 +79,41 @@ class IVFScan:
             return cd.argmin(1)[:, None]
         return np.ascontiguousarray(np.argpartition(cd, nprobe - 1, axis=1)[:, :nprobe])
 
-    @torch.inference_mode()
     def narrow(self, q: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """Squared distances of every query, and the (projected queries, centroid distances) for `wide`."""
-        z = torch.from_numpy(q)
-        if self.proj is not None:
-            z = torch.addmm(self.proj[1], z, self.proj[0])
-        cd = torch.addmm(self.cent_sq, z, self.cent_t, alpha=-2.0).numpy()  # |c|^2 - 2 z.c: same order as |z-c|^2
-        zn = np.ascontiguousarray(z.numpy())
-        return _scan(zn, self._cells(cd, self.nprobe), self.offsets, self.rows), (zn, cd)
+        if q.ndim != 2 or q.shape[1] != self.d_in:
+            raise ValueError(f"queries must be (n, {self.d_in}), got {q.shape}")
+        z, cd = self.session.run(None, {"q": np.ascontiguousarray(q, dtype=np.float32)})
+        return ivf_scan(z, self._cells(cd, self.nprobe), self.offsets, self.rows), (z, cd)
 
     def wide(self, ctx: tuple[np.ndarray, np.ndarray], rows: np.ndarray, nprobe: int) -> np.ndarray:
         z, cd = ctx
-        return _scan(np.ascontiguousarray(z[rows]), self._cells(cd[rows], nprobe), self.offsets, self.rows)
+        return ivf_scan(np.ascontiguousarray(z[rows]), self._cells(cd[rows], nprobe), self.offsets, self.rows)
+
+
+def _gemm_session(proj: tuple[np.ndarray, np.ndarray] | None, cent_t: np.ndarray, cent_sq: np.ndarray) -> Any:
+    """ONNX Runtime session of q -> (z = q A + b, |c|^2 - 2 z c^T); the latter orders the cells as |z - c|^2."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(cent_t, "ct"), numpy_helper.from_array(cent_sq, "c2")]
+    nodes = []
+    d_in, z_name = cent_t.shape[0], "q"
+    if proj is not None:
+        inits += [numpy_helper.from_array(proj[0], "a"), numpy_helper.from_array(proj[1], "b")]
+        nodes.append(helper.make_node("Gemm", ["q", "a", "b"], ["zp"]))
+        d_in, z_name = proj[0].shape[0], "zp"
+    nodes.append(helper.make_node("Gemm", [z_name, "ct", "c2"], ["cd"], alpha=-2.0))
+    nodes.append(helper.make_node("Identity", [z_name], ["z"]))
+    graph = helper.make_graph(
+        nodes, "ivf_coarse", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [None, d_in])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, cent_t.shape[0]]),
+         helper.make_tensor_value_info("cd", TensorProto.FLOAT, [None, cent_t.shape[1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, torch.get_num_threads())  # what `--threads` set
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def top_rows(dist: np.ndarray, group: int, fraction: float) -> np.ndarray:
