@@ -33,6 +33,7 @@ r = json.load(open(sys.argv[1]))
 st = r["stage_ms_per_image"]
 print(f"{sys.argv[2]:8s} {r.get('knn_engine', 'faiss'):5s} {r['runtime']:18s} b{r['batch']}  "
       f"pipeline {r['pipeline_images_per_second']:6.1f} img/s  "
+      f"stream {r.get('stream_images_per_second', 0):6.1f}  "
       f"bare {r['bare_backbone_images_per_second']:6.1f}  ratio {r['pipeline_over_backbone']:.2f}  "
       f"decode {st['decode']:4.2f} ms  features {st.get('features', 0.0):5.2f} ms  knn {st['knn']:4.2f} ms  "
       f"knn share {100 * r['knn_share']:4.1f} %  "

@@ -152,6 +152,7 @@ def test_bench_reports_every_stage_of_the_hybrid_model(hybrid):
     assert {"decode", "backbone", "aggregation", "knn", "post", "texture", "ae", "fusion"} <= set(stages)
     assert all(v > 0 for v in stages.values())
     assert res["pipeline_images_per_second"] > 0 and res["machine_matmul_gflops"] > 0
+    assert res["stream_images_per_second"] > 0 and res["stream_over_backbone"] > 0
     assert 0 < res["knn_share"] < 1 and res["feature_gflop_per_image"] > 0.05
 
 

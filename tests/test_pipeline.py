@@ -216,3 +216,32 @@ def test_smoothing_on_the_grid_matches_full_resolution_smoothing():
     assert np.corrcoef(full.ravel(), grid.ravel())[0, 1] > 0.99
     assert np.unravel_index(grid[0].argmax(), grid[0].shape) == pytest.approx(
         np.unravel_index(full[0].argmax(), full[0].shape), abs=6)
+
+
+def test_prefetched_batches_are_the_serial_ones_and_a_bad_file_fails_in_order(synth_model, synth_root, tmp_path):
+    from hyads.errors import ImageError
+    from hyads.pipeline import rgb_batch
+
+    paths = [s.path for s in load_dataset(synth_root).test[:5]]
+    old_bs = synth_model.config.batch_size
+    try:
+        synth_model.config.batch_size = 2
+        got = list(synth_model._batches(paths, "test"))
+        assert [len(b) for b in got] == [2, 2, 1]
+        size = synth_model.config.image_size
+        for b, s in zip(got, (0, 2, 4)):
+            np.testing.assert_array_equal(b, rgb_batch(paths[s : s + 2], size))
+        flipped = list(synth_model._batches(paths, "test", flip=(2,)))
+        np.testing.assert_array_equal(flipped[1], got[1][:, :, ::-1])
+        # one call over all images (prefetching) gives the maps of one call per image
+        np.testing.assert_allclose(synth_model.anomaly_map(paths),
+                                   np.concatenate([synth_model.anomaly_map([p]) for p in paths]), rtol=1e-5, atol=1e-5)
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"\x89PNG not really")
+        seen = []
+        with pytest.raises(ImageError, match="broken.png"):
+            for b in synth_model._batches(paths[:4] + [bad], "test"):
+                seen.append(b)
+        assert len(seen) == 2  # the batches before the bad file were delivered first
+    finally:
+        synth_model.config.batch_size = old_bs
