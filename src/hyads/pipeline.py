@@ -52,7 +52,7 @@ def _to_rgb(img: ImageLike, size: int) -> np.ndarray:
         raise HyADSError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {arr.shape}")
     arr = arr[..., :3]
     if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / np.float32(255.0)  # float32 divisor: fast path (data/io.py)
+        arr = arr.astype(np.float32) / np.float32(255.0)  # float32 divisor, as data/io.py
     elif arr.dtype == np.uint16:
         arr = arr.astype(np.float32) / np.float32(65535.0)
     else:

@@ -72,8 +72,8 @@ def to_rgb_float(img: Image.Image, name: str) -> np.ndarray:
         img = img.convert("RGB")
     else:
         raise ImageError(name, f"unsupported image mode {mode!r}")
-    # A float32 divisor: numpy divides by a Python float on a slow path (0.8 ms of a 256 px image's 1.9 ms
-    # decode, measured); the values are identical for every 8-bit level.
+    # A float32 divisor keeps the division in float32 (identical values for every 8-bit level); the gain is
+    # small (1.47 -> 1.44 ms per 256 px bottle image with the PNG decode, measured over 32 files).
     return np.asarray(img, dtype=np.float32) / np.float32(255.0)
 
 
