@@ -8,21 +8,10 @@ the same cells, nprobe, PCA and 5 % rerank. Shows where each wins, which sets Ne
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from hyads.detectors.patchcore import NearestNeighbourIndex
-
-
-def median_ms(f, reps: int = 10) -> float:
-    f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000
+from knn_overhead import median_ms  # sibling script (benchmarks/ is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -37,7 +26,7 @@ def main() -> None:
         for engine in ("scan", "faiss"):
             ix = NearestNeighbourIndex(bank, "ivf", nprobe=nprobe, pca_dim=pca, rerank=0.05,
                                        rerank_nprobe=max(8, 2 * nprobe), engine=engine)
-            out.append(median_ms(lambda: ix.search(q, 1024)) / 8)
+            out.append(median_ms(lambda: ix.search(q, 1024), reps=10) / 8)
         nlist = max(16, int(2 * np.sqrt(rows)))  # NearestNeighbourIndex's default
         work = nprobe * rows / nlist * (pca or 152)
         print(f"| {rows:,} | {pca or 152} | {nprobe} | {nlist} | {work:,.0f} | {out[0]:.2f} | {out[1]:.2f} |")
