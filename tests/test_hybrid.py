@@ -165,4 +165,7 @@ def test_bench_command(synth_model, synth_root, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(path), "--images", str(synth_root / "test" / "good"),
                                  "--n-images", "4", "--reps", "1", "--out", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "b.json").read_text())["images"] == 4
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["images"] == 4 and res["knn_engine"] == synth_model.bank_.index.engine
+    r = CliRunner().invoke(app, ["bench", str(path), "--knn-engine", "gpu"])
+    assert r.exit_code != 0 and "knn engine must be auto, scan or faiss" in r.output
