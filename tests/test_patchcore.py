@@ -242,3 +242,20 @@ def test_scan_engine_applies_only_to_fp32_ivf():
     np.testing.assert_allclose(mb.distances(q), d_scan, rtol=1e-4, atol=1e-4)
     with pytest.raises(HyADSError, match="engine must be"):
         mb.use_engine("gpu")
+
+
+def test_scan_never_reports_an_infinite_distance_for_an_empty_cell():
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(3000, 8)).astype(np.float32)
+    q = rng.normal(size=(300, 8)).astype(np.float32)
+    ix = NearestNeighbourIndex(bank, "ivf", nlist=20, nprobe=1, engine="scan")
+    scan = ix.scan
+    first = np.flatnonzero(np.diff(scan.offsets))[0]
+    scan.offsets[first + 1] = scan.offsets[first]  # empty that cell (its rows now count to the next one)
+    z, cd = scan.session.run(None, {"q": q})
+    hit = scan._cells(cd, 1)[:, 0] == first
+    assert hit.any()
+    d = ix.search(q)
+    assert np.all(np.isfinite(d))
+    exact = NearestNeighbourIndex(bank, "flat").search(q)
+    np.testing.assert_allclose(d[hit], exact[hit], rtol=1e-4, atol=1e-4)  # all cells probed: exact

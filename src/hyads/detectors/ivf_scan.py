@@ -84,7 +84,11 @@ class IVFScan:
         if q.ndim != 2 or q.shape[1] != self.d_in:
             raise ValueError(f"queries must be (n, {self.d_in}), got {q.shape}")
         z, cd = self.session.run(None, {"q": np.ascontiguousarray(q, dtype=np.float32)})
-        return ivf_scan(z, self._cells(cd, self.nprobe), self.offsets, self.rows), (z, cd)
+        dist = ivf_scan(z, self._cells(cd, self.nprobe), self.offsets, self.rows)
+        lost = np.flatnonzero(~np.isfinite(dist))
+        if len(lost):  # every probed cell was empty: search all cells rather than report an infinite distance
+            dist[lost] = self.wide((z, cd), lost, self.nlist)
+        return dist, (z, cd)
 
     def wide(self, ctx: tuple[np.ndarray, np.ndarray], rows: np.ndarray, nprobe: int) -> np.ndarray:
         z, cd = ctx
