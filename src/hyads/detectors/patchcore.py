@@ -141,9 +141,10 @@ class NearestNeighbourIndex:
 
     engine: who searches an IVF-Flat (fp32) index. "scan" = `ivf_scan.IVFScan` (two GEMMs in ONNX Runtime + a
     numba list scan over faiss's own cells: the same distances without faiss's per-query overhead, which
-    dominated the kNN stage), "faiss" = faiss's search, "auto" = scan where it applies (ivf, not fp16) and each query's scan is
-    small (nprobe x mean cell rows x dims <= SCAN_MAX_WORK), else faiss: on big cells faiss's SIMD scan on
-    all threads wins (measured in RESULTS.md). With the scan, faiss's copy of the rows is freed.
+    dominated the kNN stage), "faiss" = faiss's search, "auto" = scan where it applies (ivf, not fp16) and
+    each query's scan is small (nprobe x mean cell rows x dims <= SCAN_MAX_WORK), else faiss: on big cells
+    faiss's SIMD scan on all threads wins (measured in RESULTS.md). With the scan, faiss's copy of the rows
+    is freed.
     """
 
     SCAN_MAX_WORK = 8192
